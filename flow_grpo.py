@@ -1,0 +1,1197 @@
+"""Flow-GRPO in one file: online RL for flow-matching text-to-image models.
+
+Flow-GRPO (Liu et al., "Flow-GRPO: Training Flow Matching Models via Online RL", https://arxiv.org/abs/2505.05470)
+fine-tunes Stable Diffusion 3.5 Medium with a reward model:
+
+  1. the deterministic sampling ODE is rewritten as an SDE with the same marginals, so every denoising step
+     becomes a Gaussian policy  π(x' | x, t, c) = N(mean, std² I)  whose log-probability we can compute;
+  2. for each prompt a *group* of G images is sampled from different noise and scored by a reward model;
+  3. rewards are normalised within the group (GRPO: no value network);
+  4. a PPO-style clipped objective, plus β·KL to the frozen pre-trained model, is maximised on every step of
+     the stored trajectories;
+  5. training trajectories use few denoising steps (10), evaluation uses many (40, plain ODE).
+
+Run it:
+    python toy/run.py                                   # the method on a 2D toy, laptop CPU, < 1 minute
+    python flow_grpo.py --model tiny-random --reward jpeg_compressibility   # the real SD3 path, tiny random model
+    python flow_grpo.py --model sd3.5-medium --reward pickscore              # the real thing, one GPU
+
+Reading order (each section is a numbered banner below):
+    0. Conventions
+    1. Config: the paper's SD3.5-M settings, one dataclass, the command line is generated from it
+    2. The SDE step and its log-probability              (paper §4.1, eq. for the marginal-preserving SDE)
+    3. Rollout: integrate a velocity model from t = 1 to t = 0
+    4. Group-relative advantages                          (GRPO, paper §4)
+    5. The clipped surrogate loss with the KL penalty     (paper §4, eq. for J_Flow-GRPO)
+    6. Batch arithmetic: every derived size in one place
+    7. The model interface the training loop talks to
+    8. The training loop, shared by the toy and SD3.5-M
+    9. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
+   10. Checkpoints, logging, evaluation grid
+   11. Command line
+
+Importing this file is cheap: torch only. diffusers, transformers, peft and the rewards are imported inside the
+functions that need them, so the toy and the tests of the math never pay for them.
+"""
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 0. Conventions (stated once, used everywhere) ---
+# ----------------------------------------------------------------------------------------------------------------
+# * Rectified flow, SD3 direction:  x_t = (1 − t)·x₀ + t·ε.   t = 1 is pure noise, t = 0 is data.
+#   The model predicts the velocity v = ε − x₀, so x₀ = x − t·v and ε = x + (1 − t)·v can be read off any x_t.
+# * Sampling runs t from 1 down to 0, so every step has dt = t' − t < 0.
+# * A "schedule" is the (T+1,) tensor of t values 1 = t₀ > t₁ > … > t_T = 0 (diffusers calls them `sigmas`;
+#   the SD3 transformer is fed timestep = 1000·t).
+# * Log-probabilities are per sample. By default they are the MEAN of the per-element Gaussian log-density over
+#   all latent elements (C·H·W), as the reference implementation does; see sde_step for what that does to the
+#   PPO ratio. reduce="sum" gives the exact log-density.
+# * Shape legend:  B prompts (groups) · G group size · N = B·G samples · T denoising steps ·
+#   D latent element shape (C, H, W) for SD3, (2,) for the toy.
+# * The SDE step is always computed in float32, whatever dtype the network runs in.
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 1. Config: the paper's SD3.5-Medium settings (notes table; paper §5 and the reference configs) ---
+# ----------------------------------------------------------------------------------------------------------------
+# Every field is a command-line flag (--group_size 16, --no-ema, ...). Sizes derived from them are computed in
+# plan_batches (section 6), printed at start-up and checked.
+
+# β (KL weight) used by the paper for each reward; other rewards fall back to the GenEval/OCR value.
+BETA_BY_REWARD = {"pickscore": 0.01, "ocr": 0.04, "geneval": 0.04}
+DEFAULT_BETA = 0.04
+
+
+@dataclass
+class Config:
+    # --- what to train ---
+    model: str = "sd3.5-medium"  # "sd3.5-medium", "tiny-random", a hub id or a local diffusers folder
+    reward: str = "pickscore"  # a name from rewards.py, or a weighted sum "ocr=0.5,pickscore=0.5"
+    prompts: str = "general"  # a shipped set (general, ocr, geneval) or a .txt / .jsonl file
+    out: str = "runs/flow_grpo"  # run folder: metrics.jsonl, eval grids, checkpoints
+    seed: int = 42  # seeds prompts, noise and LoRA init
+    # --- sampling (paper: 10 steps to train, 40 to evaluate, CFG 4.5, a = 0.7) ---
+    resolution: int = 512  # image side in pixels
+    num_steps: int = 10  # denoising steps of the training trajectories (denoising reduction)
+    eval_num_steps: int = 40  # denoising steps for evaluation (deterministic ODE)
+    guidance_scale: float = 4.5  # classifier-free guidance, in sampling AND in the training forward
+    noise_level: float = 0.7  # a in σ_t = a·√(t/(1 − t))
+    # --- GRPO batch (paper: G = 24, 48 groups per epoch on 32 GPUs; here sized for ONE GPU) ---
+    group_size: int = 24  # G: images per prompt
+    groups_per_epoch: int = 2  # B: prompts per epoch (2 × 24 = 48 images, about the paper's per-GPU share)
+    batch_size: int = 8  # images per forward, for sampling AND training (keeps the first ratio exactly 1)
+    optimizer_steps_per_epoch: int = 2  # gradient accumulation over the epoch's batches / this
+    inner_epochs: int = 1  # passes over the sampled data per epoch
+    global_std: bool = True  # normalise advantages by the std over all rewards of the epoch (SD3 configs)
+    adv_clip: float = 5.0  # advantages are clipped to ±adv_clip
+    clip_range: float = 1e-4  # PPO ε (small because the log-prob is averaged over latent elements)
+    beta: Optional[float] = None  # KL weight; None: 0.01 for pickscore, 0.04 otherwise (paper)
+    timestep_fraction: float = 0.99  # train on the first int(T·fraction) steps (9 of 10: the last is too sharp)
+    log_prob_reduce: str = "mean"  # "mean" (reference) or "sum" over latent elements; see sde_step
+    # --- optimiser (AdamW as in the paper) ---
+    lr: float = 3e-4  # learning rate
+    adam_beta1: float = 0.9  # AdamW β₁
+    adam_beta2: float = 0.999  # AdamW β₂
+    weight_decay: float = 1e-4  # AdamW weight decay
+    adam_eps: float = 1e-8  # AdamW ε
+    max_grad_norm: float = 1.0  # gradient-norm clip
+    # --- LoRA and EMA ---
+    lora_rank: int = 32  # LoRA r
+    lora_alpha: int = 64  # LoRA α (scale α/r = 2)
+    ema: bool = True  # keep an EMA of the LoRA weights, used for evaluation and saved beside them
+    ema_decay: float = 0.9  # EMA decay
+    ema_every: int = 8  # EMA update every this many optimiser steps
+    # --- run ---
+    epochs: int = 100  # sampling + training rounds
+    eval_every: int = 10  # evaluate (ODE, eval_num_steps) every this many epochs; 0 = never
+    eval_prompts: int = 8  # prompts in an evaluation grid
+    save_every: int = 10  # checkpoint every this many epochs (and at the end); 0 = only at the end
+    resume: bool = False  # continue from the latest checkpoint in --out
+    mixed_precision: str = "bf16"  # "bf16", "fp16" or "no": dtype of the frozen weights on a GPU (CPU: float32)
+    gradient_checkpointing: bool = False  # trade compute for activation memory in the transformer
+    text_encoders_on_cpu: bool = False  # keep CLIP-L, CLIP-G and T5-XXL on the CPU (saves ~11 GB of GPU memory)
+    max_sequence_length: int = 256  # T5 tokens per prompt (diffusers' SD3 default)
+
+    def resolved_beta(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        names = [part.split("=")[0].strip() for part in self.reward.split(",")]
+        return min(BETA_BY_REWARD.get(n, DEFAULT_BETA) for n in names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 2. The SDE step and its log-probability (paper §4.1: ODE → SDE with the same marginals) ---
+# ----------------------------------------------------------------------------------------------------------------
+# The probability-flow ODE  dx = v dt  and the reverse-time SDE
+#
+#     dx = [ v + σ_t²/(2t)·(x + (1 − t)·v) ] dt + σ_t dw,        σ_t = a·√(t / (1 − t))
+#
+# have the same marginal p_t(x) for every choice of σ_t: the extra drift is (σ_t²/2)·(−score) with the score of
+# the flow's marginal  ∇log p_t(x) = −(x + (1 − t)·v)/t , and it exactly cancels the spreading of the noise σ_t dw.
+# `a` is the "noise level" (0.7 in the paper's SD3 runs). One Euler–Maruyama step from t to t' = t + dt (dt < 0):
+#
+#     x' = x + [ v + σ_t²/(2t)·(x + (1 − t)·v) ]·dt + σ_t·√(−dt)·ε,      ε ~ N(0, I)
+#
+# i.e. a Gaussian policy π(x' | x) = N(mean, std² I) with
+#
+#     mean = x·(1 + σ_t²·dt/(2t)) + v·(1 + σ_t²·(1 − t)/(2t))·dt
+#     std  = σ_t·√(−dt)
+
+
+def _per_sample(t: float | Tensor, like: Tensor) -> Tensor:
+    """A float, or a (B,) tensor of per-sample times, as a float32 tensor that broadcasts against `like`."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
+    if t.ndim == 0:
+        return t
+    if t.shape != like.shape[:1]:
+        raise ValueError(f"per-sample t must have shape ({like.shape[0]},) to match x, got {tuple(t.shape)}")
+    return t.reshape(-1, *([1] * (like.ndim - 1)))  # (B, 1, ..., 1)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
+    """log N(x; mean, std² I) per sample, (B,): the per-element log-density averaged ("mean") or summed ("sum")
+    over all non-batch dimensions."""
+    # log N(x; μ, s²) = −(x − μ)²/(2s²) − log s − log √(2π)        per element
+    log_p = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI  # (B, *D)
+    dims = tuple(range(1, log_p.ndim))
+    if reduce == "mean":
+        return log_p.mean(dim=dims)  # (B,)
+    if reduce == "sum":
+        return log_p.sum(dim=dims)  # (B,)
+    raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+def sde_step(
+    x: Tensor,
+    v: Tensor,
+    t: float | Tensor,
+    t_next: float | Tensor,
+    noise_level: float,
+    prev_x: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduce: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One step of the marginal-preserving SDE from t to t_next (< t), seen as a Gaussian policy.
+
+    Args:
+        x, v:        the current sample and the model's velocity at (x, t), shape (B, *D), any float dtype.
+        t, t_next:   floats, or (B,) tensors of per-sample times.
+        noise_level: a ≥ 0 in σ_t = a·√(t/(1 − t)). a = 0 is exactly the Euler ODE step x' = x + v·dt.
+        prev_x:      if given, the x' whose log-probability is wanted (training); otherwise x' is sampled.
+        generator:   for the noise ε when sampling.
+        reduce:      "mean" (reference behaviour) or "sum" (exact log-density); see below.
+
+    Returns (x_next, log_prob, mean, std), all float32:  x_next (B, *D), log_prob (B,), mean (B, *D),
+    std broadcastable against x (a scalar or (B, 1, …, 1)).  For a = 0 the step is deterministic and has no
+    density: log_prob is returned as NaN so that it can never be trained on by accident.
+
+    On reduce="mean": the reference implementation (and ddpo-pytorch before it) averages the per-element
+    log-density over the C·H·W latent elements instead of summing. The PPO ratio exp(logp_new − logp_old) then is
+    the per-element *geometric mean* of the density ratios, the 1/(C·H·W) power of the true ratio. For SD3 at
+    512 px (16·64·64 = 65 536 elements) the true ratio moves 65 536 times faster in log space, so a clip range
+    like 1e-4 would be hit by any update; the maintainers report that summing with a rescaled clip range was
+    unstable. The gradient direction of the unclipped objective is unchanged (only scaled by 1/(C·H·W)); what
+    changes is where clipping starts.
+    """
+    if noise_level < 0:
+        raise ValueError(f"noise_level must be >= 0 (it scales the SDE's noise), got {noise_level}")
+    if x.shape != v.shape:
+        raise ValueError(f"x and v must have the same shape, got {tuple(x.shape)} and {tuple(v.shape)}")
+    if prev_x is not None and prev_x.shape != x.shape:
+        raise ValueError(f"prev_x must have the shape of x {tuple(x.shape)}, got {tuple(prev_x.shape)}")
+
+    # bf16/fp16 overflow and lose the small differences the ratio is made of: do the step in float32.
+    x, v = x.float(), v.float()
+    t, t_next = _per_sample(t, x), _per_sample(t_next, x)
+    dt = t_next - t  # < 0: we integrate from noise (t = 1) to data (t = 0)
+    if torch.any(dt >= 0):
+        raise ValueError("t_next must be smaller than t: sampling runs from t = 1 (noise) to t = 0 (data)")
+
+    if noise_level == 0:
+        # x' = x + v·dt                         (the Euler ODE step, diffusers' FlowMatchEulerDiscreteScheduler)
+        mean = x + v * dt
+        nan = torch.full(x.shape[:1], float("nan"), device=x.device)
+        return mean, nan, mean, torch.zeros_like(dt)
+
+    # σ_t = a·√(t/(1 − t)). At t = 1 this is infinite (the SDE's noise and its correcting drift both blow up).
+    # Like the reference, we evaluate the 1/(1 − t) factor at t' instead when t = 1, which makes the first step
+    # finite: its std is a·√(t/(1 − t'))·√(−dt) = a at t = 1, t' = 1 + dt (a fresh noise draw of scale a).
+    t_for_denominator = torch.where(t >= 1, t_next, t)
+    sigma = noise_level * torch.sqrt(t / (1 - t_for_denominator))  # σ_t
+
+    # mean = x·(1 + σ²·dt/(2t)) + v·(1 + σ²·(1 − t)/(2t))·dt
+    mean = x * (1 + sigma**2 * dt / (2 * t)) + v * (1 + sigma**2 * (1 - t) / (2 * t)) * dt  # (B, *D)
+    # std = σ_t·√(−dt)
+    std = sigma * torch.sqrt(-dt)
+
+    if prev_x is None:
+        # x' = mean + std·ε
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        prev_x = mean + std * eps  # (B, *D)
+    prev_x = prev_x.float()
+    log_prob = gaussian_log_prob(prev_x, mean, std, reduce)  # (B,)
+    return prev_x, log_prob, mean, std
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 3. Rollout: integrate a velocity model from t = 1 to t = 0, keeping the whole trajectory ---
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trajectory:
+    latents: Tensor  # (N, T+1, *D) float32: x at every t of the schedule; latents[:, 0] is the noise, [:, -1] the sample
+    log_probs: Tensor  # (N, T) float32: log π(x_{j+1} | x_j) at sampling time (NaN for deterministic steps)
+    sigmas: Tensor  # (T+1,) the schedule t₀ = 1 > … > t_T = 0
+    noise_levels: Tensor  # (T,) the `a` used at each step (0 = ODE step, not trainable)
+
+
+@torch.no_grad()
+def rollout(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    x1: Tensor,
+    sigmas: Tensor,
+    noise_level: float | Sequence[float],
+    generator: Optional[torch.Generator] = None,
+    reduce: str = "mean",
+) -> Trajectory:
+    """Sample x₀ from noise x1 with sde_step over the schedule `sigmas` (T+1,), recording every latent.
+
+    velocity(x, t) -> v takes x (N, *D) and per-sample times t (N,); whatever conditioning (prompt, CFG) it needs
+    it closes over.  noise_level is one `a` for every step, or a length-T sequence (0 where the step is an ODE
+    step: evaluation uses a = 0 everywhere; Flow-GRPO-Fast uses a > 0 only inside a window).
+    """
+    T = len(sigmas) - 1
+    levels = [float(noise_level)] * T if isinstance(noise_level, (int, float)) else [float(a) for a in noise_level]
+    if len(levels) != T:
+        raise ValueError(f"need one noise level per step ({T}), got {len(levels)}")
+    x = x1.float()
+    latents, log_probs = [x], []
+    for j in range(T):
+        t = sigmas[j].expand(x.shape[0])  # (N,)
+        v = velocity(x, t)
+        x, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], levels[j], generator=generator, reduce=reduce)
+        latents.append(x)
+        log_probs.append(log_prob)
+    return Trajectory(
+        latents=torch.stack(latents, dim=1),  # (N, T+1, *D)
+        log_probs=torch.stack(log_probs, dim=1),  # (N, T)
+        sigmas=sigmas.float().cpu(),
+        noise_levels=torch.tensor(levels),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 4. Group-relative advantages (GRPO; paper §4) ---
+# ----------------------------------------------------------------------------------------------------------------
+# For the G samples of one prompt with rewards R₁…R_G:
+#
+#     A_i = (R_i − mean(R_group)) / (std + 1e-4)
+#
+# No value network: the group mean is the baseline. The SD3 configs of the reference take the std over ALL
+# rewards of the epoch ("global std") and the mean per prompt, which keeps the advantages of a nearly constant
+# group small instead of blowing its noise up to unit scale. Every step of a trajectory gets the same advantage.
+
+ADV_EPS = 1e-4  # keeps A finite for a group with (near-)equal rewards; a constant group then gets exactly 0
+
+
+def group_advantages(
+    rewards: Tensor, group_ids: Tensor | Sequence, global_std: bool = False, clip: float = 5.0
+) -> Tensor:
+    """GRPO advantages (N,) from rewards (N,) and the group (prompt) of each sample: a (N,) integer tensor or a
+    sequence of N hashable keys, e.g. the prompt strings."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must have shape (N,), got {tuple(rewards.shape)}")
+    if not torch.is_tensor(group_ids):
+        index = {}
+        group_ids = torch.tensor([index.setdefault(g, len(index)) for g in group_ids])
+    if group_ids.shape != rewards.shape:
+        raise ValueError(f"need one group id per reward: {tuple(group_ids.shape)} ids for {tuple(rewards.shape)} rewards")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN or inf; refusing to compute advantages from them")
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    if (counts < 2).any():
+        raise ValueError(
+            "every group needs at least 2 samples (a group of one always has advantage 0 and teaches nothing); "
+            f"group sizes are {counts.tolist()}"
+        )
+    n_groups = len(counts)
+    # mean(R_group) for every sample's group                                          (N,)
+    group_sum = torch.zeros(n_groups).index_add_(0, inverse, rewards)
+    group_mean = (group_sum / counts)[inverse]
+    if global_std:
+        # std over every reward of the batch (population std, as numpy's np.std)
+        std = rewards.std(unbiased=False)
+    else:
+        # std within the group (population std)                                       (N,)
+        group_var = torch.zeros(n_groups).index_add_(0, inverse, (rewards - group_mean) ** 2) / counts
+        std = group_var.sqrt()[inverse]
+    # A = (R − mean) / (std + 1e-4), clipped to ±clip so that one outlier cannot dominate a step
+    advantages = (rewards - group_mean) / (std + ADV_EPS)
+    return advantages.clamp(-clip, clip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 5. The clipped surrogate loss with the KL penalty (paper §4, J_Flow-GRPO) ---
+# ----------------------------------------------------------------------------------------------------------------
+#     r = π_θ(x' | x) / π_old(x' | x) = exp(logp_new − logp_old)
+#     L_clip = mean( max( −A·r, −A·clip(r, 1 − ε, 1 + ε) ) )                    (PPO, minimised)
+#     L = L_clip + β·KL( π_θ(·|x) ‖ π_ref(·|x) )
+#
+# Both policies of one step are Gaussians with the SAME std (the std depends only on t and a), so their KL has a
+# closed form with only the mean difference left:
+#
+#     KL( N(μ_θ, s²I) ‖ N(μ_ref, s²I) ) = ‖μ_θ − μ_ref‖² / (2 s²)
+#
+# Which KL this is, exactly: the per-step KL between the two transition Gaussians at the state x the sample
+# visited, with s = std = σ_t·√(−dt) of that step, AVERAGED over latent elements (consistent with the averaged
+# log-prob; the summed KL is C·H·W times larger) and over the batch. This is what the reference code computes.
+# Writing μ_θ − μ_ref = (v_θ − v_ref)·(1 + σ_t²(1 − t)/(2t))·dt shows that it is ∝ |dt|·‖v_θ − v_ref‖²/σ_t²; the
+# paper's derivation keeps a dt factor in front that the reference drops (users asked about it upstream). Since
+# dt is fixed per step, that only rescales β per timestep.
+
+
+def grpo_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    clip_range: float,
+    mean: Optional[Tensor] = None,
+    ref_mean: Optional[Tensor] = None,
+    std: Optional[Tensor] = None,
+    beta: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """The Flow-GRPO loss of one step for a batch. log_prob, old_log_prob, advantages: (B,). mean, ref_mean:
+    (B, *D) means of the current and reference step Gaussians; std: their shared std. Returns (loss, info) with
+    info = {ratio, clipfrac, approx_kl, kl_ref, policy_loss} as python floats (detached)."""
+    if not (log_prob.shape == old_log_prob.shape == advantages.shape) or log_prob.ndim != 1:
+        raise ValueError(
+            "log_prob, old_log_prob and advantages must all have shape (B,), got "
+            f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantages.shape)}"
+        )
+    if clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    # r = exp(logp_new − logp_old)                                                        (B,)
+    ratio = torch.exp(log_prob - old_log_prob)
+    # max(−A·r, −A·clip(r, 1 − ε, 1 + ε)): the pessimistic bound; no gradient once r has left [1 − ε, 1 + ε]
+    # in the direction the advantage pushes it
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+
+    kl_ref = torch.zeros((), device=log_prob.device)
+    if beta != 0 or ref_mean is not None:
+        if mean is None or ref_mean is None or std is None:
+            raise ValueError("the KL term needs mean, ref_mean and std")
+        if mean.shape != ref_mean.shape:
+            raise ValueError(f"mean and ref_mean shapes differ: {tuple(mean.shape)} vs {tuple(ref_mean.shape)}")
+        # KL = ‖μ_θ − μ_ref‖² / (2 s²), averaged over elements, then over the batch
+        dims = tuple(range(1, mean.ndim))
+        kl_ref = (((mean - ref_mean) ** 2) / (2 * std**2)).mean(dim=dims).mean()
+    loss = policy_loss + beta * kl_ref
+
+    with torch.no_grad():
+        info = {
+            "ratio": ratio.mean().item(),
+            # fraction of samples whose ratio left the trust region
+            "clipfrac": (torch.abs(ratio - 1) > clip_range).float().mean().item(),
+            # ½·E[(log r)²]: a low-variance estimate of KL(π_old ‖ π_θ) (http://joschu.net/blog/kl-approx.html)
+            "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
+            "kl_ref": kl_ref.item(),
+            "policy_loss": policy_loss.item(),
+        }
+    return loss, info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 6. Batch arithmetic: every derived size in one place, printed at start-up and checked ---
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchPlan:
+    images_per_epoch: int  # N = B·G
+    batches_per_epoch: int  # N / batch_size forwards per denoising step (sampling) and per trained step (training)
+    accumulation: int  # batches whose gradients are summed into one optimiser step
+    optimizer_steps_per_epoch: int  # inner_epochs · batches_per_epoch / accumulation
+    trained_steps: list[int]  # indices j of the denoising steps that are trained, j ∈ [0, T)
+    forwards_per_epoch: int  # velocity calls per epoch: sampling + training (+ reference); CFG doubles their rows
+
+    def describe(self, cfg: Config) -> str:
+        return (
+            f"batch plan: {cfg.groups_per_epoch} groups x {cfg.group_size} images = {self.images_per_epoch} images/epoch"
+            f" | {self.batches_per_epoch} batches of {cfg.batch_size}"
+            f" | {self.accumulation} batches x {len(self.trained_steps)} steps accumulated per optimiser step"
+            f" | {self.optimizer_steps_per_epoch} optimiser steps/epoch"
+            f" | trained steps {self.trained_steps} of {cfg.num_steps}"
+        )
+
+
+def plan_batches(cfg: Config) -> BatchPlan:
+    """Derive and check every batch size. Raises ValueError saying which numbers do not fit and how to fix them."""
+    if cfg.group_size < 2:
+        raise ValueError(f"--group_size must be >= 2: GRPO compares samples within a group (got {cfg.group_size})")
+    for name in ("groups_per_epoch", "batch_size", "optimizer_steps_per_epoch", "inner_epochs", "num_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.noise_level <= 0:
+        raise ValueError(f"--noise_level must be > 0 to train (a = 0 is the deterministic ODE), got {cfg.noise_level}")
+    n = cfg.groups_per_epoch * cfg.group_size
+    if n % cfg.batch_size:
+        raise ValueError(
+            f"groups_per_epoch x group_size = {cfg.groups_per_epoch} x {cfg.group_size} = {n} images is not a "
+            f"multiple of --batch_size {cfg.batch_size}; choose a batch size that divides {n}"
+        )
+    batches = n // cfg.batch_size
+    if batches % cfg.optimizer_steps_per_epoch:
+        raise ValueError(
+            f"{batches} batches per epoch cannot be split into --optimizer_steps_per_epoch "
+            f"{cfg.optimizer_steps_per_epoch} equal accumulation rounds; choose a divisor of {batches}"
+        )
+    # int(T·fraction), as the reference: 0.99 of 10 steps trains steps 0..8 and skips the sharpest last step
+    n_train = int(cfg.num_steps * cfg.timestep_fraction)
+    if not 1 <= n_train <= cfg.num_steps:
+        raise ValueError(
+            f"--timestep_fraction {cfg.timestep_fraction} of {cfg.num_steps} steps trains {n_train} steps; need >= 1"
+        )
+    trained = list(range(n_train))
+    ref_factor = 2 if cfg.resolved_beta() > 0 else 1  # the reference forward for the KL
+    forwards = batches * cfg.num_steps + cfg.inner_epochs * batches * n_train * ref_factor
+    return BatchPlan(
+        images_per_epoch=n,
+        batches_per_epoch=batches,
+        accumulation=batches // cfg.optimizer_steps_per_epoch,
+        optimizer_steps_per_epoch=cfg.inner_epochs * cfg.optimizer_steps_per_epoch,
+        trained_steps=trained,
+        forwards_per_epoch=forwards,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 7. The model interface the training loop talks to ---
+# ----------------------------------------------------------------------------------------------------------------
+# The loop below is written once. A model (the 2D toy in toy/run.py, SD3.5-M in section 9) plugs in by
+# providing these methods; "cond" is a dict of batch-first tensors, one row per prompt.
+
+
+class FlowModel:
+    """What the training loop needs from a flow-matching model. Subclasses implement every method."""
+
+    latent_shape: tuple[int, ...]  # D, the shape of one latent
+
+    def schedule(self, num_steps: int) -> Tensor:
+        """The (num_steps + 1,) t-schedule from 1 to 0 that this model samples with."""
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Prompt conditioning, one row per prompt (computed once per prompt and shared by its group)."""
+        raise NotImplementedError
+
+    def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The guided velocity v(x, t | prompt) under the CURRENT weights: x (N, *D), t (N,), cond rows (N, ...)."""
+        raise NotImplementedError
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """A context inside which velocity() is the frozen pre-trained model (the KL's reference policy)."""
+        raise NotImplementedError
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Final latents (N, *D) to what the reward reads (images (N, 3, H, W) in [0, 1] for SD3)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def save_weights(self, folder: str) -> None:
+        """Write the trained weights (SD3: a LoRA folder diffusers' load_lora_weights reads)."""
+        raise NotImplementedError
+
+    def load_weights(self, folder: str) -> None:
+        raise NotImplementedError
+
+
+def select(cond: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    """Rows `index` of every tensor in cond."""
+    return {k: v[index.to(v.device)] for k, v in cond.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 8. The training loop (paper Algorithm: sample groups → rewards → advantages → clipped updates) ---
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RewardError(RuntimeError):
+    """The reward function returned something that must not be trained on."""
+
+
+def check_rewards(rewards: Tensor, n: int, name: str = "reward") -> Tensor:
+    """Stop before any update if a reward is NaN/inf or of the wrong shape (training on it would be garbage)."""
+    if not torch.is_tensor(rewards) or rewards.shape != (n,):
+        shape = tuple(rewards.shape) if torch.is_tensor(rewards) else type(rewards).__name__
+        raise RewardError(f"{name} must return a tensor of shape ({n},) for {n} images, got {shape}")
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(f"{name} returned NaN/inf for samples {bad[:10]}; no update was applied")
+    return rewards.float().cpu()
+
+
+def score(reward_fn: Callable, images: Tensor, texts: list[str], meta: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Rewards (n,) and, for a weighted sum (rewards.WeightedReward), its components {name: (n,)}; all checked."""
+    n = len(texts)
+    if hasattr(reward_fn, "components"):  # weighted sum: run each reward model once, log the parts, combine
+        parts = {k: check_rewards(v, n, f"reward '{k}'") for k, v in reward_fn.components(images, texts, meta).items()}
+        return check_rewards(reward_fn.combine(parts), n), (parts if len(parts) > 1 else {})
+    return check_rewards(reward_fn(images, texts, meta), n), {}
+
+
+@dataclass
+class Prompt:
+    text: str
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class Samples:
+    """One epoch of sampled data: everything the training phase needs, batch-first."""
+
+    prompt_index: Tensor  # (N,) which of the epoch's B prompts each sample belongs to (its group)
+    latents: Tensor  # (N, T+1, *D)
+    log_probs: Tensor  # (N, T)
+    sigmas: Tensor  # (T+1,)
+    noise_levels: Tensor  # (T,)
+    rewards: Tensor  # (N,)
+    reward_parts: dict[str, Tensor]  # name -> (N,) for a weighted-sum reward
+    advantages: Tensor  # (N,)
+    cond: dict[str, Tensor]  # the epoch's prompt conditioning, one row per prompt (B, ...)
+
+
+class EMA:
+    """Exponential moving average of the trainable weights: w_ema ← d·w_ema + (1 − d)·w."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone().float() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Temporarily put the EMA weights into the model (for evaluation and saving)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, p in zip(backup, self.params):
+                    p.copy_(b)
+
+
+def draw_prompts(prompts: list[Prompt], k: int, seed: int, epoch: int) -> list[Prompt]:
+    """The epoch's k prompts, drawn without replacement (cycling if the set is small) from a seeded RNG, so a
+    resumed run or another process sees the same prompts for the same epoch."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order: list[Prompt] = []
+    while len(order) < k:
+        order += rng.sample(prompts, len(prompts))
+    return order[:k]
+
+
+@torch.no_grad()
+def sample_epoch(
+    cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[Prompt], generator: torch.Generator, device
+) -> Samples:
+    """Phase 1 of an epoch: G trajectories for each of B prompts, their rewards and advantages."""
+    B, G, b = len(prompts), cfg.group_size, cfg.batch_size
+    # conditioning computed once per prompt and shared by the G samples of its group
+    cond = model.encode([p.text for p in prompts])  # rows (B, ...)
+    prompt_index = torch.arange(B).repeat_interleave(G)  # (N,) = (B·G,): sample i belongs to group i // G
+    sigmas = model.schedule(cfg.num_steps).to(device)  # (T+1,)
+    latents, log_probs, rewards, parts = [], [], [], []
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, B * G, b), desc="sampling", leave=False, disable=not sys.stderr.isatty()):
+        idx = prompt_index[start : start + b]  # (b,)
+        cond_b = select(cond, idx)
+        x1 = torch.randn((len(idx), *model.latent_shape), generator=generator, device="cpu").to(device)  # (b, *D)
+        traj = rollout(
+            lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, cfg.noise_level, generator, cfg.log_prob_reduce
+        )
+        images = model.decode(traj.latents[:, -1])
+        texts, meta = [prompts[i].text for i in idx], [prompts[i].metadata for i in idx]
+        r, components = score(reward_fn, images, texts, meta)
+        parts.append(components)
+        latents.append(traj.latents)
+        log_probs.append(traj.log_probs)
+        rewards.append(r)
+    rewards_all = torch.cat(rewards)  # (N,)
+    return Samples(
+        prompt_index=prompt_index,
+        latents=torch.cat(latents),  # (N, T+1, *D)
+        log_probs=torch.cat(log_probs),  # (N, T)
+        sigmas=sigmas,
+        noise_levels=traj.noise_levels,
+        rewards=rewards_all,
+        reward_parts={k: torch.cat([p[k] for p in parts]) for k in parts[0]},
+        # A_i = (R_i − mean of its group) / (std + 1e-4), clipped
+        advantages=group_advantages(rewards_all, prompt_index, cfg.global_std, cfg.adv_clip),
+        cond=cond,
+    )
+
+
+def train_epoch(
+    cfg: Config,
+    plan: BatchPlan,
+    model: FlowModel,
+    s: Samples,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    on_optimizer_step: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """Phase 2 of an epoch: PPO-style clipped updates on every trained step of the stored trajectories.
+    Returns the epoch's mean diagnostics."""
+    params = model.trainable_parameters()
+    beta = cfg.resolved_beta()
+    N, b = len(s.rewards), cfg.batch_size
+    device = s.latents.device
+    totals: dict[str, float] = {}
+    count = 0
+    from tqdm import tqdm
+
+    for _ in range(cfg.inner_epochs):
+        # shuffle samples (not timesteps) between batches; batch SIZE stays the sampling one (see Conventions)
+        perm = torch.randperm(N, generator=generator)  # (N,)
+        batches = perm.split(b)
+        for k, idx in enumerate(tqdm(batches, desc="training", leave=False, disable=not sys.stderr.isatty())):
+            cond_b = select(s.cond, s.prompt_index[idx])
+            adv = s.advantages[idx].to(device)  # (b,) the same advantage at every step of a trajectory
+            for j in plan.trained_steps:
+                x_j = s.latents[idx, j]  # (b, *D)
+                x_next = s.latents[idx, j + 1]  # (b, *D) the action that was taken
+                t = s.sigmas[j].expand(len(idx))  # (b,)
+                a = float(s.noise_levels[j])
+                if beta > 0:
+                    # reference policy: the same network with the trainable delta switched off
+                    with torch.no_grad(), model.reference():
+                        v_ref = model.velocity(x_j, t, cond_b)
+                    _, _, ref_mean, _ = sde_step(x_j, v_ref, s.sigmas[j], s.sigmas[j + 1], a, prev_x=x_next)
+                else:
+                    ref_mean = None
+                v = model.velocity(x_j, t, cond_b)
+                # log π_θ(x_{j+1} | x_j) under the current weights
+                _, log_prob, mean, std = sde_step(
+                    x_j, v, s.sigmas[j], s.sigmas[j + 1], a, prev_x=x_next, reduce=cfg.log_prob_reduce
+                )
+                loss, info = grpo_loss(
+                    log_prob, s.log_probs[idx, j].to(device), adv, cfg.clip_range, mean, ref_mean, std, beta
+                )
+                # average the gradient over the accumulated batches and trained steps
+                (loss / (plan.accumulation * len(plan.trained_steps))).backward()
+                for key, val in info.items():
+                    totals[key] = totals.get(key, 0.0) + val
+                count += 1
+            if (k + 1) % plan.accumulation == 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() * len(plan.trained_steps)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                on_optimizer_step()
+    return {k: v / count for k, v in totals.items()}
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[Prompt], device) -> tuple[Tensor, Tensor]:
+    """Deterministic evaluation: one ODE sample (a = 0) per prompt with eval_num_steps steps and fixed noise, so
+    evaluations of different epochs differ only by the weights. Returns (rewards (n,), decoded samples)."""
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    sigmas = model.schedule(cfg.eval_num_steps).to(device)
+    cond = model.encode([p.text for p in prompts])
+    rewards, outputs = [], []
+    for start in range(0, len(prompts), cfg.batch_size):
+        idx = torch.arange(start, min(start + cfg.batch_size, len(prompts)))
+        cond_b = select(cond, idx)
+        x1 = torch.randn((len(idx), *model.latent_shape), generator=generator).to(device)
+        traj = rollout(lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, 0.0, generator)
+        decoded = model.decode(traj.latents[:, -1])
+        batch = [prompts[i] for i in idx]
+        rewards.append(score(reward_fn, decoded, [p.text for p in batch], [p.metadata for p in batch])[0])
+        outputs.append(decoded.cpu())
+    return torch.cat(rewards), torch.cat(outputs)
+
+
+def train(
+    cfg: Config,
+    model: FlowModel,
+    reward_fn: Callable,
+    prompts: list[Prompt],
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = print,
+    on_eval: Optional[Callable[[int, Tensor, Tensor, list[Prompt]], None]] = None,
+) -> list[dict]:
+    """Flow-GRPO. For each epoch: draw B prompts, sample G trajectories each with the SDE, score them, compute
+    group advantages, then take clipped policy-gradient steps on the stored trajectories. Writes metrics.jsonl
+    and checkpoints into cfg.out. Returns the per-epoch metrics."""
+    plan = plan_batches(cfg)
+    if not prompts:
+        raise ValueError("the prompt list is empty: give --prompts a file with at least one prompt")
+    log(plan.describe(cfg))
+    os.makedirs(cfg.out, exist_ok=True)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
+    )
+    ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+    epoch0, step = 0, 0
+    if cfg.resume:
+        epoch0, step = load_checkpoint(cfg.out, model, optimizer, ema)
+        log(f"resumed from {latest_checkpoint(cfg.out)}: epoch {epoch0}, optimiser step {step}")
+    eval_set = draw_prompts(prompts, min(cfg.eval_prompts, len(prompts)), cfg.seed, epoch=-1)
+    state = {"step": step}
+
+    def after_optimizer_step() -> None:
+        state["step"] += 1
+        if ema is not None and state["step"] % cfg.ema_every == 0:
+            ema.update()
+
+    history = []
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    for epoch in range(epoch0, cfg.epochs):
+        t_start = time.time()
+        # one generator per epoch: a resumed run draws exactly the noise the uninterrupted run would have drawn
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        epoch_prompts = draw_prompts(prompts, cfg.groups_per_epoch, cfg.seed, epoch)
+        samples = sample_epoch(cfg, model, reward_fn, epoch_prompts, generator, device)
+        t_sampled = time.time()
+        stats = train_epoch(cfg, plan, model, samples, optimizer, generator, after_optimizer_step)
+        t_trained = time.time()
+        m: dict[str, Any] = {
+            "epoch": epoch,
+            "step": state["step"],
+            "reward/mean": samples.rewards.mean().item(),
+            "reward/std": samples.rewards.std(unbiased=False).item(),
+            **{f"reward/{k}": v.mean().item() for k, v in samples.reward_parts.items()},
+            **{f"policy/{k}": v for k, v in stats.items()},
+            "time/sampling_s": t_sampled - t_start,
+            "time/training_s": t_trained - t_sampled,
+        }
+        last = epoch == cfg.epochs - 1
+        if cfg.eval_every and (epoch % cfg.eval_every == 0 or last):
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                eval_rewards, eval_samples = evaluate(cfg, model, reward_fn, eval_set, device)
+            m["eval/reward_mean"] = eval_rewards.mean().item()
+            if on_eval is not None:
+                on_eval(epoch, eval_samples, eval_rewards, eval_set)
+        m["time/epoch_s"] = time.time() - t_start
+        log(format_line(m))
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        history.append(m)
+        if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
+            save_checkpoint(cfg.out, epoch + 1, state["step"], model, optimizer, ema, cfg)
+    return history
+
+
+def format_line(m: dict) -> str:
+    """The fixed-format progress line, one per epoch."""
+    line = (
+        f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.4f} ± {m['reward/std']:.4f}"
+        f" | kl_ref {m.get('policy/kl_ref', 0):.3e} | clipfrac {m.get('policy/clipfrac', 0):.3f}"
+        f" | approx_kl {m.get('policy/approx_kl', 0):.2e} | ratio {m.get('policy/ratio', 1):.4f}"
+    )
+    if "eval/reward_mean" in m:
+        line += f" | eval {m['eval/reward_mean']:+.4f}"
+    return line + f" | {m['time/epoch_s']:.1f}s"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 10. Checkpoints: atomic, safetensors only, resumable ---
+# ----------------------------------------------------------------------------------------------------------------
+# <out>/checkpoints/epoch-000010/
+#     lora/                  the trained weights (SD3: pytorch_lora_weights.safetensors for load_lora_weights)
+#     ema/                   the EMA weights, same format (if --ema)
+#     trainer_state.safetensors   optimiser moments and EMA shadow tensors
+#     trainer_state.json          epoch, optimiser step, optimiser hyper-parameters, the config
+# <out>/checkpoints/latest   the name of the newest complete checkpoint
+# A checkpoint is written into a temporary folder and renamed into place, and `latest` is replaced atomically,
+# so a crash mid-save leaves the previous checkpoint and pointer untouched. The last KEEP checkpoints are kept.
+
+KEEP_CHECKPOINTS = 2
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
+
+
+def latest_checkpoint(out: str) -> Optional[str]:
+    pointer = os.path.join(out, "checkpoints", "latest")
+    if not os.path.exists(pointer):
+        return None
+    return os.path.join(out, "checkpoints", open(pointer).read().strip())
+
+
+def save_checkpoint(out: str, epoch: int, step: int, model: FlowModel, optimizer, ema: Optional[EMA], cfg: Config) -> str:
+    from safetensors.torch import save_file
+
+    root = os.path.join(out, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"epoch-{epoch:06d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+    os.makedirs(tmp)
+    model.save_weights(os.path.join(tmp, "lora"))
+    if ema is not None:
+        with ema.swapped_in():
+            model.save_weights(os.path.join(tmp, "ema"))
+    opt = optimizer.state_dict()
+    tensors = {}
+    for i, st in opt["state"].items():
+        for k, v in st.items():
+            tensors[f"optimizer.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    if ema is not None:
+        for i, s in enumerate(ema.shadow):
+            tensors[f"ema.{i}"] = s.cpu().contiguous()
+    save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
+    meta = {"epoch": epoch, "step": step, "param_groups": opt["param_groups"], "config": dataclasses.asdict(cfg)}
+    _atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_text(os.path.join(root, "latest"), name)
+    for old in sorted(d for d in os.listdir(root) if d.startswith("epoch-"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(os.path.join(root, old))
+    return final
+
+
+def load_checkpoint(out: str, model: FlowModel, optimizer, ema: Optional[EMA]) -> tuple[int, int]:
+    """Restore weights, optimiser and EMA from the latest checkpoint in `out`; returns (next epoch, step)."""
+    from safetensors.torch import load_file
+
+    path = latest_checkpoint(out)
+    if path is None or not os.path.isdir(path):
+        raise FileNotFoundError(f"--resume: no checkpoint found under {os.path.join(out, 'checkpoints')}")
+    model.load_weights(os.path.join(path, "lora"))
+    meta = json.load(open(os.path.join(path, "trainer_state.json")))
+    tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        kind, i, *rest = key.split(".")
+        if kind == "optimizer":
+            state.setdefault(int(i), {})[rest[0]] = v
+    groups = meta["param_groups"]
+    for g in groups:
+        g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if ema is not None:
+        if "ema.0" not in tensors and ema.shadow:
+            raise ValueError(f"{path} holds no EMA weights; resume with --no-ema or from a run that used --ema")
+        for i, s in enumerate(ema.shadow):
+            s.copy_(tensors[f"ema.{i}"])
+    return meta["epoch"], meta["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 9. SD3.5-Medium: loading, LoRA, the CFG velocity, VAE decoding ---
+# ----------------------------------------------------------------------------------------------------------------
+
+MODEL_ALIASES = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium"}
+# The paper's LoRA targets: the image-stream and text-stream attention projections of every joint block.
+LORA_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]  # fmt: skip
+
+
+class ModelLoadError(RuntimeError):
+    """The model's weights could not be had; the message says how to get them."""
+
+
+def load_pipeline(name: str, dtype: torch.dtype):
+    """A diffusers StableDiffusion3Pipeline: "tiny-random" is built in code (tiny_sd3.py), anything else is a hub
+    id (or alias) or a local diffusers folder given to StableDiffusion3Pipeline.from_pretrained."""
+    if name == "tiny-random":
+        from tiny_sd3 import tiny_sd3_pipeline
+
+        return tiny_sd3_pipeline().to(dtype=dtype)
+    from diffusers import StableDiffusion3Pipeline
+
+    repo = MODEL_ALIASES.get(name, name)
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(repo, torch_dtype=dtype)
+    except Exception as e:  # offline, gated, wrong path: all surface as different exception types
+        raise ModelLoadError(
+            f"could not load the model '{repo}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
+            f"  - a hub model: accept its licence on its hub page, log in (`hf auth login`), then fetch it with\n"
+            f"    `hf download {repo}` on a machine with network access (it is cached for later runs);\n"
+            f"  - or pass a local diffusers folder: --model /path/to/stable-diffusion-3.5-medium\n"
+            f"  - to try the whole code path without weights: --model tiny-random"
+        ) from e
+
+
+class SD3Model(FlowModel):
+    """Stable Diffusion 3(.5) behind the FlowModel interface: a LoRA adapter on the transformer is the policy;
+    the same transformer with the adapter disabled is the reference; VAE and text encoders are frozen."""
+
+    def __init__(self, pipe, cfg: Config, device: torch.device, dtype: torch.dtype):
+        from peft import LoraConfig
+
+        self.pipe, self.cfg, self.device, self.dtype = pipe, cfg, device, dtype
+        self.transformer = pipe.transformer
+        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, self.transformer):
+            module.requires_grad_(False).eval()
+        # frozen parts in the inference dtype; text encoders optionally on the CPU (T5-XXL alone is ~9.5 GB in bf16)
+        self.text_device = torch.device("cpu") if cfg.text_encoders_on_cpu else device
+        for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            enc.to(self.text_device, dtype=dtype)
+        pipe.vae.to(device, dtype=dtype)
+        self.transformer.to(device, dtype=dtype)
+        # LoRA: W x + (α/r)·B A x with A, B trainable; "gaussian" init draws A ~ N(0, 1/r) and sets B = 0, so
+        # training starts exactly at the pre-trained model (and the first KL is 0)
+        self.transformer.add_adapter(
+            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+        )
+        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        for p in self.params:
+            p.data = p.data.float()  # trainable weights in float32 (mixed precision: AdamW updates are tiny)
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        down = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # VAE down-sampling factor (8 for SD3)
+        if cfg.resolution % (down * self.transformer.config.patch_size):
+            raise ValueError(f"--resolution {cfg.resolution} must be a multiple of {down * self.transformer.config.patch_size}")
+        self.latent_shape = (self.transformer.config.in_channels, cfg.resolution // down, cfg.resolution // down)
+
+    def schedule(self, num_steps: int) -> Tensor:
+        # the model's own scheduler decides the t-grid (SD3: shift 3.0), exactly as StableDiffusion3Pipeline does
+        self.pipe.scheduler.set_timesteps(num_steps)
+        return self.pipe.scheduler.sigmas.detach().float().clone()  # (T+1,) from 1 to 0
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        # CLIP-L + CLIP-G + T5-XXL as the pipeline does; the negative prompt is "" (the pipeline's default)
+        embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.text_device,
+            do_classifier_free_guidance=True, max_sequence_length=self.cfg.max_sequence_length,
+        )  # fmt: skip
+        return {  # (B, L, 4096 for SD3.5) and (B, 2048) pooled
+            "embeds": embeds.to(self.device),
+            "pooled": pooled.to(self.device),
+            "neg_embeds": neg_embeds.to(self.device),
+            "neg_pooled": neg_pooled.to(self.device),
+        }
+
+    def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        w = self.cfg.guidance_scale
+        # CFG in ONE forward: rows [unconditional; conditional]                        (2N, C, H, W)
+        out = self.transformer(
+            hidden_states=torch.cat([x, x]).to(self.dtype),
+            timestep=torch.cat([t, t]).to(self.device) * 1000,  # the transformer is fed 1000·t
+            encoder_hidden_states=torch.cat([cond["neg_embeds"], cond["embeds"]]),
+            pooled_projections=torch.cat([cond["neg_pooled"], cond["pooled"]]),
+            return_dict=False,
+        )[0]
+        v_uncond, v_cond = out.float().chunk(2)  # (N, C, H, W) each
+        # v = v_uncond + w·(v_cond − v_uncond)
+        return v_uncond + w * (v_cond - v_uncond)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        # π_ref is the pre-trained model: the same transformer with its LoRA adapter switched off
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    @torch.no_grad()
+    def decode(self, x0: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        # undo SD3's latent normalisation z = (latent − shift)·scale, then decode to [−1, 1] pixels
+        latents = x0 / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(self.dtype), return_dict=False)[0]  # (N, 3, H·8, W·8)
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.params
+
+    def save_weights(self, folder: str) -> None:
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
+
+        # diffusers' LoRA format (+ the LoRA config, so load_lora_weights uses our α/r instead of assuming α = r)
+        StableDiffusion3Pipeline.save_lora_weights(
+            folder,
+            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+        )
+
+    def load_weights(self, folder: str) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(self.transformer, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder} does not match this model's LoRA (unexpected keys {result.unexpected_keys[:3]})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 11. Prompts, evaluation grid, command line ---
+# ----------------------------------------------------------------------------------------------------------------
+
+PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+PROMPT_SETS = {"general": "general.txt", "ocr": "ocr.jsonl", "geneval": "geneval.jsonl"}
+
+
+def load_prompts(spec: str) -> list[Prompt]:
+    """A shipped set name (general, ocr, geneval), a .txt file (one prompt per line) or a .jsonl file (one
+    {"prompt": ..., <metadata>...} object per line)."""
+    path = os.path.join(PROMPT_DIR, PROMPT_SETS[spec]) if spec in PROMPT_SETS else spec
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompts {spec!r}: no such file (or a shipped set: {', '.join(PROMPT_SETS)})")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    row = json.loads(line)
+                    prompts.append(Prompt(row.pop("prompt"), row))
+                except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                    raise ValueError(f'{path}:{n}: expected a JSON object with a "prompt" key ({e})') from e
+            else:
+                prompts.append(Prompt(line.strip()))
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts: write one prompt per line (.txt) or per JSON line (.jsonl)")
+    return prompts
+
+
+def save_grid(path: str, images: Tensor, prompts: list[Prompt], rewards: Tensor, columns: int = 4) -> None:
+    """A PNG grid of evaluation images, each captioned with its prompt and reward."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = images.shape
+    tile_w, caption = max(w, 192), 28
+    rows = math.ceil(n / columns)
+    grid = Image.new("RGB", (columns * tile_w, rows * (h + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        arr = (images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+        x, y = (i % columns) * tile_w, (i // columns) * (h + caption)
+        grid.paste(Image.fromarray(arr), (x + (tile_w - w) // 2, y))
+        text = prompts[i].text if len(prompts[i].text) <= 30 else prompts[i].text[:29] + "…"
+        draw.text((x + 2, y + h + 1), text, fill="black")
+        draw.text((x + 2, y + h + 14), f"reward {rewards[i].item():+.4f}", fill="black")
+    tmp = path + ".tmp.png"
+    grid.save(tmp)
+    os.replace(tmp, path)
+
+
+# --model tiny-random is a laptop demo of the real path: the paper's sizes would take hours on a CPU even for a
+# 2 MB model, so it gets its own defaults (any flag given on the command line still wins).
+PRESETS = {
+    "tiny-random": dict(
+        resolution=32,  # the tiny VAE: 32 px images, 4x16x16 latents
+        group_size=8, groups_per_epoch=2, batch_size=8, epochs=8,  # 16 images/epoch, 2 batches
+        eval_num_steps=20, eval_every=4, eval_prompts=4, save_every=4,
+        lr=3e-3,  # a 30k-parameter LoRA on a random model: larger steps make the rise visible in a few epochs
+        max_sequence_length=32,
+        out="runs/tiny-random",
+    ),
+}
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
+    """The command line, generated from Config: every field is a flag with its default and comment."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comments = _field_comments()
+    for f in dataclasses.fields(Config):
+        kind = {"Optional[float]": float}.get(str(f.type), None) or {"int": int, "float": float, "str": str}.get(str(f.type))
+        if str(f.type) == "bool":
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments.get(f.name))
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=comments.get(f.name))
+    model = parser.parse_known_args(argv)[0].model
+    parser.set_defaults(**PRESETS.get(model, {}))  # a preset replaces the paper's defaults, not explicit flags
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def _field_comments() -> dict[str, str]:
+    """The '# ...' comment after each Config field, used as its --help text."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        if ":" in line and "#" in line and "=" in line:
+            name = line.split(":")[0].strip()
+            out[name] = line.split("#", 1)[1].strip().replace("%", "%%")
+    return out
+
+
+def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[cfg.mixed_precision]
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32  # CPU: half precision is slow and inexact there
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_config(argv)
+    import rewards
+
+    try:
+        plan_batches(cfg)  # fail on impossible arithmetic before loading gigabytes
+        prompts = load_prompts(cfg.prompts)
+        device, dtype = pick_device(cfg)
+        reward_fn = rewards.build_reward(cfg.reward, device=device)
+        torch.manual_seed(cfg.seed)  # LoRA init
+        model = SD3Model(load_pipeline(cfg.model, dtype), cfg, device, dtype)
+    except (ValueError, FileNotFoundError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"model {cfg.model} on {device} ({dtype}) | reward {cfg.reward} | beta {cfg.resolved_beta()} | "
+          f"{len(prompts)} prompts from {cfg.prompts} | LoRA parameters {sum(p.numel() for p in model.params):,}")
+
+    def on_eval(epoch: int, images: Tensor, rewards_: Tensor, eval_prompts: list[Prompt]) -> None:
+        save_grid(os.path.join(cfg.out, f"eval-epoch-{epoch:06d}.png"), images, eval_prompts, rewards_)
+
+    try:
+        train(cfg, model, reward_fn, prompts, device, on_eval=on_eval)
+    except (RewardError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

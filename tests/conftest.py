@@ -1,0 +1,10 @@
+"""Make the project's top-level modules (rewards.py, flow_grpo.py) importable from tests.
+
+Why: the project is a set of single files, not an installed package, and plain
+`pytest` (unlike `python -m pytest`) does not put the repository root on sys.path.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -1,0 +1,382 @@
+"""Tests for rewards.py, each checked against an independent computation.
+
+No network: the CLIP rewards run on a tiny random CLIP that the tests build
+and save to a temporary folder, and OCR reads text that PIL renders here.
+"""
+
+import io
+import os
+import string
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import rewards
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> (1, 3, H, W) float tensor in [0, 1], the rewards' input format."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+def smooth_and_noisy(size=128):
+    """A gentle horizontal gradient and uniform noise, both (1, 3, size, size)."""
+    ramp = torch.linspace(0.2, 0.8, size)
+    smooth = ramp.expand(1, 3, size, size).clone()
+    noisy = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return smooth, noisy
+
+
+def find_font(size):
+    """A TrueType font at ``size`` px: DejaVu if installed, else Pillow's built-in scalable font."""
+    for path in (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    ):
+        if os.path.exists(path):
+            return ImageFont.truetype(path, size)
+    return ImageFont.load_default(size=size)  # Pillow >= 10.1
+
+
+def render_word(word, width=320, height=128):
+    """``word`` in large black letters, centred on white, as a (1, 3, H, W) tensor."""
+    image = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(image).text((width // 2, height // 2), word, fill="black", font=find_font(64), anchor="mm")
+    return to_tensor(image)
+
+
+def assert_scores(scores, n):
+    assert isinstance(scores, torch.Tensor)
+    assert scores.shape == (n,)
+    assert scores.dtype == torch.float32
+    assert scores.device.type == "cpu"
+    assert torch.isfinite(scores).all()
+
+
+# --------------------------------------------------------------------------
+# JPEG
+# --------------------------------------------------------------------------
+
+
+def test_jpeg_smooth_image_is_more_compressible_than_noise():
+    smooth, noisy = smooth_and_noisy()
+    scores = rewards.jpeg_compressibility(torch.cat([smooth, noisy]), ["", ""], [{}, {}])
+    assert_scores(scores, 2)
+    assert scores[0] > scores[1]
+    assert (scores < 0).all()
+
+
+def test_jpeg_value_is_minus_kilobytes_of_pil_jpeg_at_quality_95():
+    _, noisy = smooth_and_noisy()
+    # Independent reference: the same 8-bit pixels, encoded by PIL directly.
+    pixels = (noisy[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    expected = -len(buffer.getvalue()) / 1000
+    assert rewards.jpeg_compressibility(noisy, [""], [{}]).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_jpeg_incompressibility_is_exact_negative():
+    smooth, noisy = smooth_and_noisy()
+    images = torch.cat([smooth, noisy])
+    compress = rewards.jpeg_compressibility(images, ["", ""], [{}, {}])
+    incompress = rewards.jpeg_incompressibility(images, ["", ""], [{}, {}])
+    assert_scores(incompress, 2)
+    assert torch.equal(incompress, -compress)
+
+
+def test_jpeg_accepts_other_dtypes_and_clamps():
+    smooth, _ = smooth_and_noisy(64)
+    half = rewards.jpeg_compressibility(smooth.half(), [""], [{}])
+    assert_scores(half, 1)
+    # Values outside [0, 1] (VAE overshoot) are clamped, not wrapped around.
+    over = rewards.jpeg_compressibility(torch.full((1, 3, 64, 64), 1.5), [""], [{}])
+    white = rewards.jpeg_compressibility(torch.ones(1, 3, 64, 64), [""], [{}])
+    assert torch.equal(over, white)
+
+
+# --------------------------------------------------------------------------
+# OCR
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "a, b, distance",
+    [
+        ("", "", 0),
+        ("abc", "", 3),
+        ("", "abcd", 4),
+        ("flow", "flow", 0),
+        ("kitten", "sitting", 3),  # k->s, e->i, insert g
+        ("flaw", "lawn", 2),  # delete f, insert n
+        ("sunday", "saturday", 3),  # insert a, insert t, n->r
+        ("grpo", "flow", 4),  # no two letters line up cheaper than 4 substitutions
+    ],
+)
+def test_levenshtein_hand_worked_cases(a, b, distance):
+    assert rewards.levenshtein(a, b) == distance
+    assert rewards.levenshtein(b, a) == distance  # edit distance is symmetric
+
+
+def test_normalize_text_lowercases_and_drops_whitespace():
+    assert rewards.normalize_text("  Hello,\n  World ") == "hello,world"
+
+
+def test_ocr_reads_rendered_word():
+    image = render_word("FLOW")
+    images = torch.cat([image, image])
+    scores = rewards.ocr(images, ["a sign", "a sign"], [{"text": "FLOW"}, {"text": "GRPO"}])
+    assert_scores(scores, 2)
+    assert scores[0] >= 0.75
+    assert scores[1] < scores[0]
+
+
+def test_ocr_target_from_quoted_prompt_and_metadata_precedence():
+    image = render_word("FLOW")
+    from_prompt = rewards.ocr(image, ['a neon sign that says "Flow" at night'], [{}])
+    assert from_prompt.item() >= 0.75
+    # metadata["text"] wins over the quoted text in the prompt
+    assert rewards.ocr_target('a sign that says "FLOW"', {"text": "GRPO"}) == "GRPO"
+    assert rewards.ocr_target("a poster reading \u201cHi there\u201d", {}) == "Hi there"
+
+
+def test_ocr_blank_image_scores_zero():
+    blank = torch.ones(1, 3, 128, 320)
+    assert rewards.ocr(blank, ['"FLOW"'], [{}]).item() == 0.0
+
+
+def test_ocr_missing_target_raises_naming_the_prompt():
+    with pytest.raises(ValueError, match="a cat on a sofa"):
+        rewards.ocr(render_word("FLOW"), ["a cat on a sofa"], [{}])
+
+
+def test_ocr_missing_tesseract_says_how_to_install(monkeypatch):
+    import pytesseract
+
+    monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", "/nonexistent/tesseract")
+    with pytest.raises(RuntimeError, match="apt-get install tesseract-ocr"):
+        rewards.ocr(render_word("FLOW"), ['"FLOW"'], [{}])
+
+
+# --------------------------------------------------------------------------
+# CLIP rewards on a tiny random CLIP
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """Folder with a tiny random CLIPModel, tokenizer and image processor (save_pretrained format)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    try:  # transformers 5 without torchvision: the PIL-backed processor
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # transformers 4
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    # Character-level vocabulary: with no merges, BPE splits every word into
+    # characters, and the last character of a word carries the "</w>" marker.
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits:
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, **layers
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **layers),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+PROMPTS = ["a red cat", "two dogs on grass " * 20, "Hello, World! 42"]  # the second is longer than 77 tokens
+
+
+def clip_batch():
+    return torch.rand(3, 3, 48, 40, generator=torch.Generator().manual_seed(1)), PROMPTS, [{}, {}, {}]
+
+
+def reference_logits(folder, images, prompts):
+    """Independent reference: CLIPModel's own forward pass, whose logits are scale * cosine."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPProcessor.from_pretrained(folder)
+    pil = [Image.fromarray(x) for x in (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()]
+    inputs = processor(text=prompts, images=pil, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits_per_image.diagonal(), model.logit_scale.exp()
+
+
+def test_pickscore_on_tiny_clip_matches_clip_logits(tiny_clip):
+    reward = rewards.pickscore(model_id=tiny_clip, processor_id=tiny_clip)
+    assert reward.model is None  # building is cheap: nothing loaded yet
+    images, prompts, metadata = clip_batch()
+    scores = reward(images, prompts, metadata)
+    assert_scores(scores, 3)
+    expected, _ = reference_logits(tiny_clip, images, prompts)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert not reward.model.training
+
+
+def test_clipscore_on_tiny_clip_is_cosine(tiny_clip):
+    reward = rewards.clipscore(model_id=tiny_clip)
+    images, prompts, metadata = clip_batch()
+    scores = reward(images, prompts, metadata)
+    assert_scores(scores, 3)
+    assert (scores.abs() <= 1).all()
+    logits, scale = reference_logits(tiny_clip, images, prompts)
+    torch.testing.assert_close(scores, logits / scale, rtol=1e-4, atol=1e-4)
+
+
+def test_clip_reward_missing_folder_raises_clear_error(tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(RuntimeError, match="no_such_model"):
+        rewards.pickscore(model_id=missing, processor_id=missing)(*clip_batch())
+
+
+def test_clip_reward_empty_folder_raises_runtime_error_with_cause(tmp_path):
+    reward = rewards.clipscore(model_id=str(tmp_path))  # exists, but holds no model files
+    with pytest.raises(RuntimeError, match="hf download") as info:
+        reward(*clip_batch())
+    assert info.value.__cause__ is not None  # the original error is chained, not lost
+
+
+# --------------------------------------------------------------------------
+# build_reward / weighted sums
+# --------------------------------------------------------------------------
+
+
+def test_registry_lists_all_rewards():
+    assert sorted(rewards.REWARDS) == [
+        "clipscore",
+        "jpeg_compressibility",
+        "jpeg_incompressibility",
+        "ocr",
+        "pickscore",
+    ]
+
+
+def test_single_name_spec_equals_the_reward():
+    smooth, noisy = smooth_and_noisy(64)
+    images = torch.cat([smooth, noisy])
+    reward = rewards.build_reward("jpeg_compressibility")
+    assert torch.equal(reward(images, ["", ""], [{}, {}]), rewards.jpeg_compressibility(images, ["", ""], [{}, {}]))
+
+
+def test_weighted_sum_equals_hand_computed_sum(tiny_clip):
+    spec = "jpeg_incompressibility=0.25, clipscore=-2, pickscore=0.5"
+    reward = rewards.build_reward(
+        spec, pickscore={"model_id": tiny_clip, "processor_id": tiny_clip}, clipscore={"model_id": tiny_clip}
+    )
+    images, prompts, metadata = clip_batch()
+    parts = reward.components(images, prompts, metadata)
+    assert list(parts) == ["jpeg_incompressibility", "clipscore", "pickscore"]
+    for part in parts.values():
+        assert_scores(part, 3)
+    total = reward(images, prompts, metadata)
+    assert_scores(total, 3)
+    expected = [
+        0.25 * parts["jpeg_incompressibility"][i].item()
+        - 2 * parts["clipscore"][i].item()
+        + 0.5 * parts["pickscore"][i].item()
+        for i in range(3)
+    ]
+    torch.testing.assert_close(total, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reward.combine(parts), total)
+
+
+def test_parse_spec_weights():
+    assert rewards.parse_spec("ocr=0.5,pickscore=0.5") == {"ocr": 0.5, "pickscore": 0.5}
+    assert rewards.parse_spec(" ocr , clipscore=0 ") == {"ocr": 1.0, "clipscore": 0.0}
+
+
+def test_unknown_reward_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown reward 'aesthetic'") as info:
+        rewards.build_reward("ocr=1,aesthetic=1")
+    for name in rewards.REWARDS:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "empty reward spec"),
+        ("   ", "empty reward spec"),
+        ("ocr=0.5,", "empty entry"),
+        ("=0.5", "empty entry"),
+        ("ocr=half", "bad weight 'half'"),
+        ("ocr=", "bad weight ''"),
+        ("ocr=nan", "must be finite"),
+        ("ocr=1,ocr=2", "appears twice"),
+    ],
+)
+def test_malformed_spec_raises(spec, message):
+    with pytest.raises(ValueError, match=message):
+        rewards.build_reward(spec)
+
+
+def test_bad_overrides_raise():
+    with pytest.raises(ValueError, match="unknown reward 'pikscore'"):
+        rewards.build_reward("pickscore", pikscore={"model_id": "x"})
+    with pytest.raises(ValueError, match="bad override for reward 'pickscore'"):
+        rewards.build_reward("pickscore", pickscore={"modelid": "x"})
+
+
+# --------------------------------------------------------------------------
+# prompt sets that feed these rewards
+# --------------------------------------------------------------------------
+
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prompts")
+
+
+def read_jsonl(name):
+    import json
+
+    with open(os.path.join(PROMPTS_DIR, name)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_ocr_prompt_set_targets_match_quoted_text():
+    rows = read_jsonl("ocr.jsonl")
+    assert len(rows) >= 30
+    for row in rows:
+        # the metadata target and the prompt's quoted text must agree
+        assert rewards.ocr_target(row["prompt"], {}) == row["text"] == rewards.ocr_target(row["prompt"], row)
+
+
+def test_geneval_prompt_set_schema():
+    rows = read_jsonl("geneval.jsonl")
+    tags = {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert {row["tag"] for row in rows} == tags
+    for row in rows:
+        assert row["prompt"].startswith("a photo of ")
+        for obj in row["include"]:
+            assert isinstance(obj["class"], str) and obj["count"] >= 1
+            assert obj["class"] in row["prompt"]
+        if row["tag"] == "position":
+            relation, index = row["include"][1]["position"]
+            assert relation in {"left of", "right of", "above", "below"} and index == 0
+        if row["tag"] in {"colors", "color_attr"}:
+            assert all(obj["color"] in row["prompt"] for obj in row["include"])
+
+
+def test_general_prompt_set_is_nonempty_lines():
+    with open(os.path.join(PROMPTS_DIR, "general.txt")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) >= 50 and all(line.strip() for line in lines)

@@ -106,6 +106,9 @@ class Config:
     beta: Optional[float] = None  # KL weight; None: 0.01 for pickscore, 0.04 otherwise (paper)
     timestep_fraction: float = 0.99  # train on the first int(T·fraction) steps (9 of 10: the last is too sharp)
     log_prob_reduce: str = "mean"  # "mean" (reference) or "sum" over latent elements; see sde_step
+    sde_type: str = "sde"  # "sde" (paper) or "cps" (coefficients-preserving sampling, later in the reference repo)
+    fast_window: int = 0  # Flow-GRPO-Fast: SDE (and training) only on this many consecutive steps; 0 = every step
+    fast_window_range: int = 5  # Fast: the window lies inside the first this-many steps, placed at random per epoch
     # --- optimiser (AdamW as in the paper) ---
     lr: float = 3e-4  # learning rate
     adam_beta1: float = 0.9  # AdamW β₁
@@ -188,6 +191,7 @@ def sde_step(
     prev_x: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     reduce: str = "mean",
+    sde_type: str = "sde",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One step of the marginal-preserving SDE from t to t_next (< t), seen as a Gaussian policy.
 
@@ -198,6 +202,7 @@ def sde_step(
         prev_x:      if given, the x' whose log-probability is wanted (training); otherwise x' is sampled.
         generator:   for the noise ε when sampling.
         reduce:      "mean" (reference behaviour) or "sum" (exact log-density); see below.
+        sde_type:    "sde" (the paper's SDE above) or "cps" (coefficients-preserving sampling, below).
 
     Returns (x_next, log_prob, mean, std), all float32:  x_next (B, *D), log_prob (B,), mean (B, *D),
     std broadcastable against x (a scalar or (B, 1, …, 1)).  For a = 0 the step is deterministic and has no
@@ -211,8 +216,10 @@ def sde_step(
     unstable. The gradient direction of the unclipped objective is unchanged (only scaled by 1/(C·H·W)); what
     changes is where clipping starts.
     """
-    if noise_level < 0:
+    if not noise_level >= 0:  # also catches NaN
         raise ValueError(f"noise_level must be >= 0 (it scales the SDE's noise), got {noise_level}")
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
     if x.shape != v.shape:
         raise ValueError(f"x and v must have the same shape, got {tuple(x.shape)} and {tuple(v.shape)}")
     if prev_x is not None and prev_x.shape != x.shape:
@@ -225,22 +232,18 @@ def sde_step(
     if torch.any(dt >= 0):
         raise ValueError("t_next must be smaller than t: sampling runs from t = 1 (noise) to t = 0 (data)")
 
+    nan = torch.full(x.shape[:1], float("nan"), device=x.device)  # (B,) the "log-prob" of a deterministic step
     if noise_level == 0:
         # x' = x + v·dt                         (the Euler ODE step, diffusers' FlowMatchEulerDiscreteScheduler)
         mean = x + v * dt
-        nan = torch.full(x.shape[:1], float("nan"), device=x.device)
         return mean, nan, mean, torch.zeros_like(dt)
 
-    # σ_t = a·√(t/(1 − t)). At t = 1 this is infinite (the SDE's noise and its correcting drift both blow up).
-    # Like the reference, we evaluate the 1/(1 − t) factor at t' instead when t = 1, which makes the first step
-    # finite: its std is a·√(t/(1 − t'))·√(−dt) = a at t = 1, t' = 1 + dt (a fresh noise draw of scale a).
-    t_for_denominator = torch.where(t >= 1, t_next, t)
-    sigma = noise_level * torch.sqrt(t / (1 - t_for_denominator))  # σ_t
-
-    # mean = x·(1 + σ²·dt/(2t)) + v·(1 + σ²·(1 − t)/(2t))·dt
-    mean = x * (1 + sigma**2 * dt / (2 * t)) + v * (1 + sigma**2 * (1 - t) / (2 * t)) * dt  # (B, *D)
-    # std = σ_t·√(−dt)
-    std = sigma * torch.sqrt(-dt)
+    if sde_type == "cps":
+        mean, std = cps_mean_std(x, v, t, t_next, noise_level)
+    elif sde_type == "sde":
+        mean, std = sde_mean_std(x, v, t, t_next, noise_level)
+    else:
+        raise ValueError(f"sde_type must be 'sde' or 'cps', got {sde_type!r}")
 
     if prev_x is None:
         # x' = mean + std·ε
@@ -248,7 +251,57 @@ def sde_step(
         prev_x = mean + std * eps  # (B, *D)
     prev_x = prev_x.float()
     log_prob = gaussian_log_prob(prev_x, mean, std, reduce)  # (B,)
+    # CPS's last step (t' = 0) has std 0: deterministic, no density (it is never trained: timestep_fraction)
+    log_prob = torch.where(std.reshape(-1) > 0, log_prob, nan)
     return prev_x, log_prob, mean, std
+
+
+def sde_mean_std(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, noise_level: float) -> tuple[Tensor, Tensor]:
+    """Mean and std of the paper's SDE step (equations at the top of this section)."""
+    dt = t_next - t
+    # σ_t = a·√(t/(1 − t)). At t = 1 this is infinite (the SDE's noise and its correcting drift both blow up).
+    # Like the reference, we evaluate the 1/(1 − t) factor at t' instead when t = 1, which makes the first step
+    # finite: its std is a·√(t/(1 − t'))·√(−dt) = a at t = 1, t' = 1 + dt (a fresh noise draw of scale a).
+    # The price: near t = 1 the steps are not small compared to σ_t²·|dt| ≈ a²/j (step j of a uniform grid), so
+    # there the marginal is only approximately preserved (the first step leaves variance ≈ 1 + a⁴/4 instead of
+    # 1, whatever T); the drift pulls it back and at t = 0 the error shrinks with T (tests/test_math.py).
+    t_for_denominator = torch.where(t >= 1, t_next, t)
+    sigma = noise_level * torch.sqrt(t / (1 - t_for_denominator))  # σ_t
+
+    # mean = x·(1 + σ²·dt/(2t)) + v·(1 + σ²·(1 − t)/(2t))·dt
+    mean = x * (1 + sigma**2 * dt / (2 * t)) + v * (1 + sigma**2 * (1 - t) / (2 * t)) * dt  # (B, *D)
+    # std = σ_t·√(−dt)
+    std = sigma * torch.sqrt(-dt)
+    return mean, std
+
+
+# CPS, coefficients-preserving sampling (a later sampler of the reference repository; sde_type="cps").
+# Read both ends of the straight path off v:  x̂₀ = x − t·v  and  x̂₁ = x + (1 − t)·v.  Like DDIM with η > 0, move
+# x̂₀ to t' and re-noise it with a mix of the predicted noise x̂₁ and fresh noise ε, choosing the coefficients so
+# that the total noise scale is exactly t' (x_t' = (1 − t')·x₀ + t'·ε has noise coefficient t'):
+#
+#     std  = t'·sin(a·π/2)
+#     mean = (1 − t')·x̂₀ + √(t'² − std²)·x̂₁            (√(t'² − std²)² + std² = t'²)
+#
+# The SDE above instead adds noise ∝ σ_t√(−dt), which at large a over-shoots the noise scale for one step and
+# relies on the drift to pull it back. Its log-prob is the same exact Gaussian density (gaussian_log_prob). The
+# reference keeps only −(x' − mean)² of it, dropping the −log std − log √(2π) constants (they cancel in the ratio
+# and have no gradient: std does not depend on θ) and the 1/(2 std²) factor (a positive constant per step: the
+# gradient of each step keeps its direction but is rescaled by 2 std², and so is the log-ratio the clip range is
+# compared with). We keep the exact density, so "mean" and "sum" mean the same thing for both samplers.
+
+
+def cps_mean_std(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, noise_level: float) -> tuple[Tensor, Tensor]:
+    """Mean and std of the coefficients-preserving step."""
+    if noise_level > 1:
+        raise ValueError(f"CPS needs 0 <= noise_level <= 1 (std = t'·sin(a·π/2)), got {noise_level}")
+    x0_hat = x - t * v  # x̂₀ = x − t·v
+    x1_hat = x + (1 - t) * v  # x̂₁ = x + (1 − t)·v
+    # std = t'·sin(a·π/2)
+    std = t_next * math.sin(noise_level * math.pi / 2)
+    # mean = (1 − t')·x̂₀ + √(t'² − std²)·x̂₁
+    mean = (1 - t_next) * x0_hat + torch.sqrt(t_next**2 - std**2) * x1_hat
+    return mean, torch.as_tensor(std)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,6 +325,7 @@ def rollout(
     noise_level: float | Sequence[float],
     generator: Optional[torch.Generator] = None,
     reduce: str = "mean",
+    sde_type: str = "sde",
 ) -> Trajectory:
     """Sample x₀ from noise x1 with sde_step over the schedule `sigmas` (T+1,), recording every latent.
 
@@ -288,7 +342,7 @@ def rollout(
     for j in range(T):
         t = sigmas[j].expand(x.shape[0])  # (N,)
         v = velocity(x, t)
-        x, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], levels[j], generator=generator, reduce=reduce)
+        x, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], levels[j], None, generator, reduce, sde_type)
         latents.append(x)
         log_probs.append(log_prob)
     return Trajectory(
@@ -318,7 +372,8 @@ def group_advantages(
 ) -> Tensor:
     """GRPO advantages (N,) from rewards (N,) and the group (prompt) of each sample: a (N,) integer tensor or a
     sequence of N hashable keys, e.g. the prompt strings."""
-    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    # float64: in float32 the mean of a constant group can be off by one ulp δ, and δ/(|δ| + 1e-4) is not 0
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
     if rewards.ndim != 1:
         raise ValueError(f"rewards must have shape (N,), got {tuple(rewards.shape)}")
     if not torch.is_tensor(group_ids):
@@ -336,18 +391,18 @@ def group_advantages(
         )
     n_groups = len(counts)
     # mean(R_group) for every sample's group                                          (N,)
-    group_sum = torch.zeros(n_groups).index_add_(0, inverse, rewards)
+    group_sum = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, rewards)
     group_mean = (group_sum / counts)[inverse]
     if global_std:
         # std over every reward of the batch (population std, as numpy's np.std)
         std = rewards.std(unbiased=False)
     else:
         # std within the group (population std)                                       (N,)
-        group_var = torch.zeros(n_groups).index_add_(0, inverse, (rewards - group_mean) ** 2) / counts
+        group_var = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, (rewards - group_mean) ** 2) / counts
         std = group_var.sqrt()[inverse]
     # A = (R − mean) / (std + 1e-4), clipped to ±clip so that one outlier cannot dominate a step
     advantages = (rewards - group_mean) / (std + ADV_EPS)
-    return advantages.clamp(-clip, clip)
+    return advantages.clamp(-clip, clip).float()  # (N,)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -433,16 +488,18 @@ class BatchPlan:
     batches_per_epoch: int  # N / batch_size forwards per denoising step (sampling) and per trained step (training)
     accumulation: int  # batches whose gradients are summed into one optimiser step
     optimizer_steps_per_epoch: int  # inner_epochs · batches_per_epoch / accumulation
-    trained_steps: list[int]  # indices j of the denoising steps that are trained, j ∈ [0, T)
+    n_trained: int  # denoising steps trained per trajectory (which ones: sde_window)
     forwards_per_epoch: int  # velocity calls per epoch: sampling + training (+ reference); CFG doubles their rows
 
     def describe(self, cfg: Config) -> str:
         return (
             f"batch plan: {cfg.groups_per_epoch} groups x {cfg.group_size} images = {self.images_per_epoch} images/epoch"
             f" | {self.batches_per_epoch} batches of {cfg.batch_size}"
-            f" | {self.accumulation} batches x {len(self.trained_steps)} steps accumulated per optimiser step"
+            f" | {self.accumulation} batches x {self.n_trained} steps accumulated per optimiser step"
             f" | {self.optimizer_steps_per_epoch} optimiser steps/epoch"
-            f" | trained steps {self.trained_steps} of {cfg.num_steps}"
+            f" | {self.n_trained} of {cfg.num_steps} steps trained"
+            + (f" (Fast: a random window in the first {cfg.fast_window_range})" if cfg.fast_window else "")
+            + f" | {self.forwards_per_epoch} model calls/epoch"
         )
 
 
@@ -467,21 +524,30 @@ def plan_batches(cfg: Config) -> BatchPlan:
             f"{batches} batches per epoch cannot be split into --optimizer_steps_per_epoch "
             f"{cfg.optimizer_steps_per_epoch} equal accumulation rounds; choose a divisor of {batches}"
         )
-    # int(T·fraction), as the reference: 0.99 of 10 steps trains steps 0..8 and skips the sharpest last step
-    n_train = int(cfg.num_steps * cfg.timestep_fraction)
-    if not 1 <= n_train <= cfg.num_steps:
-        raise ValueError(
-            f"--timestep_fraction {cfg.timestep_fraction} of {cfg.num_steps} steps trains {n_train} steps; need >= 1"
-        )
-    trained = list(range(n_train))
+    if cfg.fast_window:
+        if not 1 <= cfg.fast_window <= cfg.fast_window_range <= cfg.num_steps - 1:
+            raise ValueError(
+                f"Flow-GRPO-Fast needs 1 <= --fast_window ({cfg.fast_window}) <= --fast_window_range "
+                f"({cfg.fast_window_range}) <= num_steps - 1 ({cfg.num_steps - 1}; the last step is never trained)"
+            )
+        n_train = cfg.fast_window
+    else:
+        # int(T·fraction), as the reference: 0.99 of 10 steps trains steps 0..8 and skips the sharpest last step
+        n_train = int(cfg.num_steps * cfg.timestep_fraction)
+        if not 1 <= n_train <= cfg.num_steps:
+            raise ValueError(
+                f"--timestep_fraction {cfg.timestep_fraction} of {cfg.num_steps} steps trains {n_train} steps; need >= 1"
+            )
+    if cfg.sde_type not in ("sde", "cps"):
+        raise ValueError(f"--sde_type must be 'sde' or 'cps', got {cfg.sde_type!r}")
     ref_factor = 2 if cfg.resolved_beta() > 0 else 1  # the reference forward for the KL
-    forwards = batches * cfg.num_steps + cfg.inner_epochs * batches * n_train * ref_factor
+    forwards = batches * cfg.num_steps + cfg.inner_epochs * batches * n_train * ref_factor  # sampling + training
     return BatchPlan(
         images_per_epoch=n,
         batches_per_epoch=batches,
         accumulation=batches // cfg.optimizer_steps_per_epoch,
         optimizer_steps_per_epoch=cfg.inner_epochs * cfg.optimizer_steps_per_epoch,
-        trained_steps=trained,
+        n_trained=n_train,
         forwards_per_epoch=forwards,
     )
 
@@ -578,6 +644,7 @@ class Samples:
     log_probs: Tensor  # (N, T)
     sigmas: Tensor  # (T+1,)
     noise_levels: Tensor  # (T,)
+    trained_steps: list[int]  # the steps j to train on (all SDE steps)
     rewards: Tensor  # (N,)
     reward_parts: dict[str, Tensor]  # name -> (N,) for a weighted-sum reward
     advantages: Tensor  # (N,)
@@ -621,6 +688,21 @@ def draw_prompts(prompts: list[Prompt], k: int, seed: int, epoch: int) -> list[P
     return order[:k]
 
 
+def sde_window(cfg: Config, generator: torch.Generator) -> tuple[list[float], list[int]]:
+    """Which steps of this epoch's trajectories are stochastic, and which of them are trained.
+
+    Flow-GRPO: every step is an SDE step; the first int(T·timestep_fraction) are trained.
+    Flow-GRPO-Fast: only a window of `fast_window` consecutive steps, placed uniformly at random inside the first
+    `fast_window_range` steps (one draw per epoch), is stochastic; the ODE runs elsewhere, and only the window is
+    trained, so training costs fast_window instead of ~T forwards per trajectory. Returns ((T,) levels, steps)."""
+    T, a = cfg.num_steps, cfg.noise_level
+    if not cfg.fast_window:
+        return [a] * T, list(range(int(T * cfg.timestep_fraction)))
+    start = int(torch.randint(0, cfg.fast_window_range - cfg.fast_window + 1, (1,), generator=generator))
+    window = list(range(start, start + cfg.fast_window))
+    return [a if j in window else 0.0 for j in range(T)], window
+
+
 @torch.no_grad()
 def sample_epoch(
     cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[Prompt], generator: torch.Generator, device
@@ -631,6 +713,7 @@ def sample_epoch(
     cond = model.encode([p.text for p in prompts])  # rows (B, ...)
     prompt_index = torch.arange(B).repeat_interleave(G)  # (N,) = (B·G,): sample i belongs to group i // G
     sigmas = model.schedule(cfg.num_steps).to(device)  # (T+1,)
+    levels, trained_steps = sde_window(cfg, generator)  # (T,) noise level per step, and the steps to train
     latents, log_probs, rewards, parts = [], [], [], []
     from tqdm import tqdm
 
@@ -639,7 +722,7 @@ def sample_epoch(
         cond_b = select(cond, idx)
         x1 = torch.randn((len(idx), *model.latent_shape), generator=generator, device="cpu").to(device)  # (b, *D)
         traj = rollout(
-            lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, cfg.noise_level, generator, cfg.log_prob_reduce
+            lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, levels, generator, cfg.log_prob_reduce, cfg.sde_type
         )
         images = model.decode(traj.latents[:, -1])
         texts, meta = [prompts[i].text for i in idx], [prompts[i].metadata for i in idx]
@@ -655,6 +738,7 @@ def sample_epoch(
         log_probs=torch.cat(log_probs),  # (N, T)
         sigmas=sigmas,
         noise_levels=traj.noise_levels,
+        trained_steps=trained_steps,
         rewards=rewards_all,
         reward_parts={k: torch.cat([p[k] for p in parts]) for k in parts[0]},
         # A_i = (R_i − mean of its group) / (std + 1e-4), clipped
@@ -689,7 +773,7 @@ def train_epoch(
         for k, idx in enumerate(tqdm(batches, desc="training", leave=False, disable=not sys.stderr.isatty())):
             cond_b = select(s.cond, s.prompt_index[idx])
             adv = s.advantages[idx].to(device)  # (b,) the same advantage at every step of a trajectory
-            for j in plan.trained_steps:
+            for j in s.trained_steps:
                 x_j = s.latents[idx, j]  # (b, *D)
                 x_next = s.latents[idx, j + 1]  # (b, *D) the action that was taken
                 t = s.sigmas[j].expand(len(idx))  # (b,)
@@ -698,25 +782,25 @@ def train_epoch(
                     # reference policy: the same network with the trainable delta switched off
                     with torch.no_grad(), model.reference():
                         v_ref = model.velocity(x_j, t, cond_b)
-                    _, _, ref_mean, _ = sde_step(x_j, v_ref, s.sigmas[j], s.sigmas[j + 1], a, prev_x=x_next)
+                    _, _, ref_mean, _ = sde_step(x_j, v_ref, s.sigmas[j], s.sigmas[j + 1], a, x_next, sde_type=cfg.sde_type)
                 else:
                     ref_mean = None
                 v = model.velocity(x_j, t, cond_b)
                 # log π_θ(x_{j+1} | x_j) under the current weights
                 _, log_prob, mean, std = sde_step(
-                    x_j, v, s.sigmas[j], s.sigmas[j + 1], a, prev_x=x_next, reduce=cfg.log_prob_reduce
+                    x_j, v, s.sigmas[j], s.sigmas[j + 1], a, x_next, reduce=cfg.log_prob_reduce, sde_type=cfg.sde_type
                 )
                 loss, info = grpo_loss(
                     log_prob, s.log_probs[idx, j].to(device), adv, cfg.clip_range, mean, ref_mean, std, beta
                 )
                 # average the gradient over the accumulated batches and trained steps
-                (loss / (plan.accumulation * len(plan.trained_steps))).backward()
+                (loss / (plan.accumulation * len(s.trained_steps))).backward()
                 for key, val in info.items():
                     totals[key] = totals.get(key, 0.0) + val
                 count += 1
             if (k + 1) % plan.accumulation == 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() * len(plan.trained_steps)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() * len(s.trained_steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 on_optimizer_step()
@@ -941,12 +1025,12 @@ def load_pipeline(name: str, dtype: torch.dtype):
     if name == "tiny-random":
         from tiny_sd3 import tiny_sd3_pipeline
 
-        return tiny_sd3_pipeline().to(dtype=dtype)
+        return tiny_sd3_pipeline()  # float32; SD3Model casts the parts it uses
     from diffusers import StableDiffusion3Pipeline
 
     repo = MODEL_ALIASES.get(name, name)
     try:
-        return StableDiffusion3Pipeline.from_pretrained(repo, torch_dtype=dtype)
+        return StableDiffusion3Pipeline.from_pretrained(repo, dtype=dtype)
     except Exception as e:  # offline, gated, wrong path: all surface as different exception types
         raise ModelLoadError(
             f"could not load the model '{repo}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
@@ -955,6 +1039,11 @@ def load_pipeline(name: str, dtype: torch.dtype):
             f"  - or pass a local diffusers folder: --model /path/to/stable-diffusion-3.5-medium\n"
             f"  - to try the whole code path without weights: --model tiny-random"
         ) from e
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # cast only when needed: diffusers warns on every dtype cast after loading
+    module.to(device) if next(module.parameters()).dtype == dtype else module.to(device, dtype=dtype)
 
 
 class SD3Model(FlowModel):
@@ -971,9 +1060,9 @@ class SD3Model(FlowModel):
         # frozen parts in the inference dtype; text encoders optionally on the CPU (T5-XXL alone is ~9.5 GB in bf16)
         self.text_device = torch.device("cpu") if cfg.text_encoders_on_cpu else device
         for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            enc.to(self.text_device, dtype=dtype)
-        pipe.vae.to(device, dtype=dtype)
-        self.transformer.to(device, dtype=dtype)
+            _move(enc, self.text_device, dtype)
+        _move(pipe.vae, device, dtype)
+        _move(self.transformer, device, dtype)
         # LoRA: W x + (α/r)·B A x with A, B trainable; "gaussian" init draws A ~ N(0, 1/r) and sets B = 0, so
         # training starts exactly at the pre-trained model (and the first KL is 0)
         self.transformer.add_adapter(

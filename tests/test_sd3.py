@@ -204,7 +204,7 @@ def test_cli_empty_prompt_file(tmp_path, capsys):
 
 
 def test_cli_impossible_batch_arithmetic(tmp_path, capsys):
-    code, err = run_main(["--model", "tiny-random", "--group_size", "6", "--batch_size", "8", "--out", str(tmp_path)], capsys)
+    code, err = run_main(["--model", "tiny-random", "--group_size", "5", "--batch_size", "8", "--out", str(tmp_path)], capsys)
     assert code == 2 and "not a multiple of --batch_size 8" in err
 
 

@@ -653,6 +653,7 @@ class Samples:
     noise_levels: Tensor  # (T,)
     trained_steps: list[int]  # the steps j to train on (all SDE steps)
     rewards: Tensor  # (N,)
+    reward_seconds: float  # time spent decoding and scoring (part of the sampling phase)
     reward_parts: dict[str, Tensor]  # name -> (N,) for a weighted-sum reward
     advantages: Tensor  # (N,)
     cond: dict[str, Tensor]  # the epoch's prompt conditioning, one row per prompt (B, ...)
@@ -722,6 +723,7 @@ def sample_epoch(
     sigmas = model.schedule(cfg.num_steps).to(device)  # (T+1,)
     levels, trained_steps = sde_window(cfg, generator)  # (T,) noise level per step, and the steps to train
     latents, log_probs, rewards, parts = [], [], [], []
+    reward_seconds = 0.0  # decoding + reward models, reported apart from the denoising
     from tqdm import tqdm
 
     for start in tqdm(range(0, B * G, b), desc="sampling", leave=False, disable=not sys.stderr.isatty()):
@@ -731,9 +733,11 @@ def sample_epoch(
         traj = rollout(
             lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, levels, generator, cfg.log_prob_reduce, cfg.sde_type
         )
+        t_reward = time.time()
         images = model.decode(traj.latents[:, -1])
         texts, meta = [prompts[i].text for i in idx], [prompts[i].metadata for i in idx]
         r, components = score(reward_fn, images, texts, meta)
+        reward_seconds += time.time() - t_reward
         parts.append(components)
         latents.append(traj.latents)
         log_probs.append(traj.log_probs)
@@ -747,6 +751,7 @@ def sample_epoch(
         noise_levels=traj.noise_levels,
         trained_steps=trained_steps,
         rewards=rewards_all,
+        reward_seconds=reward_seconds,
         reward_parts={k: torch.cat([p[k] for p in parts]) for k in parts[0]},
         # A_i = (R_i − mean of its group) / (std + 1e-4), clipped
         advantages=group_advantages(rewards_all, prompt_index, cfg.global_std, cfg.adv_clip),
@@ -886,7 +891,8 @@ def train(
             "reward/std": samples.rewards.std(unbiased=False).item(),
             **{f"reward/{k}": v.mean().item() for k, v in samples.reward_parts.items()},
             **{f"policy/{k}": v for k, v in stats.items()},
-            "time/sampling_s": t_sampled - t_start,
+            "time/sampling_s": t_sampled - t_start - samples.reward_seconds,
+            "time/reward_s": samples.reward_seconds,
             "time/training_s": t_trained - t_sampled,
         }
         last = epoch == cfg.epochs - 1

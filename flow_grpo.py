@@ -15,6 +15,7 @@ Run it:
     python toy/run.py                                   # the method on a 2D toy, laptop CPU, < 1 minute
     python flow_grpo.py --model tiny-random --reward jpeg_compressibility   # the real SD3 path, tiny random model
     python flow_grpo.py --model sd3.5-medium --reward pickscore              # the real thing, one GPU
+    torchrun --nproc_per_node 8 flow_grpo.py --model sd3.5-medium --groups_per_epoch 16   # several GPUs
 
 Reading order (each section is a numbered banner below):
     0. Conventions
@@ -25,10 +26,11 @@ Reading order (each section is a numbered banner below):
     5. The clipped surrogate loss with the KL penalty     (paper §4, eq. for J_Flow-GRPO)
     6. Batch arithmetic: every derived size in one place
     7. The model interface the training loop talks to
-    8. The training loop, shared by the toy and SD3.5-M
-    9. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
-   10. Checkpoints, logging, evaluation grid
-   11. Command line
+    8. Many processes (torchrun): who samples what, how rewards are shared
+    9. The training loop, shared by the toy and SD3.5-M
+   10. Checkpoints: atomic, safetensors only, resumable
+   11. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
+   12. Prompts, evaluation grid, command line
 
 Importing this file is cheap: torch only. diffusers, transformers, peft and the rewards are imported inside the
 functions that need them, so the toy and the tests of the math never pay for them.
@@ -247,7 +249,8 @@ def sde_step(
 
     if prev_x is None:
         # x' = mean + std·ε
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        # drawn where the generator lives (a CPU generator makes GPU runs reproduce CPU ones), then moved
+        eps = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device).to(x.device)
         prev_x = mean + std * eps  # (B, *D)
     prev_x = prev_x.float()
     log_prob = gaussian_log_prob(prev_x, mean, std, reduce)  # (B,)
@@ -497,21 +500,26 @@ class BatchPlan:
     optimizer_steps_per_epoch: int  # inner_epochs · batches_per_epoch / accumulation
     n_trained: int  # denoising steps trained per trajectory (which ones: sde_window)
     forwards_per_epoch: int  # velocity calls per epoch: sampling + training (+ reference); CFG doubles their rows
+    world_size: int  # processes sharing the work (torchrun); counts above are for all of them together
 
     def describe(self, cfg: Config) -> str:
-        return (
-            f"batch plan: {cfg.groups_per_epoch} groups x {cfg.group_size} images = {self.images_per_epoch} images/epoch"
-            f" | {self.batches_per_epoch} batches of {cfg.batch_size}"
-            f" | {self.accumulation} batches x {self.n_trained} steps accumulated per optimiser step"
-            f" | {self.optimizer_steps_per_epoch} optimiser steps/epoch"
-            f" | {self.n_trained} of {cfg.num_steps} steps trained"
-            + (f" (Fast: a random window in the first {cfg.fast_window_range})" if cfg.fast_window else "")
-            + f" | {self.forwards_per_epoch} model calls/epoch"
-        )
+        parts = [
+            f"batch plan: {cfg.groups_per_epoch} groups x {cfg.group_size} images = {self.images_per_epoch} images/epoch",
+            f"{self.batches_per_epoch} batches of {cfg.batch_size}"
+            + (f" ({self.batches_per_epoch // self.world_size} per process x {self.world_size})" if self.world_size > 1 else ""),
+            f"{self.accumulation} batches x {self.n_trained} steps accumulated per optimiser step",
+            f"{self.optimizer_steps_per_epoch} optimiser steps/epoch",
+            f"{self.n_trained} of {cfg.num_steps} steps trained"
+            + (f" (Fast: a random window in the first {cfg.fast_window_range})" if cfg.fast_window else ""),
+            f"{self.forwards_per_epoch} model calls/epoch",
+        ]
+        return " | ".join(parts)
 
 
-def plan_batches(cfg: Config) -> BatchPlan:
-    """Derive and check every batch size. Raises ValueError saying which numbers do not fit and how to fix them."""
+def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
+    """Derive and check every batch size for `world_size` processes (default: the current process group).
+    Raises ValueError saying which numbers do not fit and how to fix them."""
+    world = dist_rank_world()[1] if world_size is None else world_size
     if cfg.group_size < 2:
         raise ValueError(f"--group_size must be >= 2: GRPO compares samples within a group (got {cfg.group_size})")
     for name in ("groups_per_epoch", "batch_size", "optimizer_steps_per_epoch", "inner_epochs", "num_steps"):
@@ -530,6 +538,14 @@ def plan_batches(cfg: Config) -> BatchPlan:
         raise ValueError(
             f"{batches} batches per epoch cannot be split into --optimizer_steps_per_epoch "
             f"{cfg.optimizer_steps_per_epoch} equal accumulation rounds; choose a divisor of {batches}"
+        )
+    if (batches // cfg.optimizer_steps_per_epoch) % world:
+        # processes x per-process batches x batch size = groups x G, for every optimiser step
+        raise ValueError(
+            f"{world} processes cannot share an optimiser step of {batches // cfg.optimizer_steps_per_epoch} batches "
+            f"of {cfg.batch_size} equally: need processes x batches-per-process x batch_size = groups_per_epoch x "
+            f"group_size / optimizer_steps_per_epoch; change --groups_per_epoch, --batch_size or "
+            f"--optimizer_steps_per_epoch (or the number of processes)"
         )
     if cfg.fast_window:
         if not 1 <= cfg.fast_window <= cfg.fast_window_range <= cfg.num_steps - 1:
@@ -556,6 +572,7 @@ def plan_batches(cfg: Config) -> BatchPlan:
         optimizer_steps_per_epoch=cfg.inner_epochs * cfg.optimizer_steps_per_epoch,
         n_trained=n_train,
         forwards_per_epoch=forwards,
+        world_size=world,
     )
 
 
@@ -570,6 +587,7 @@ class FlowModel:
     """What the training loop needs from a flow-matching model. Subclasses implement every method."""
 
     latent_shape: tuple[int, ...]  # D, the shape of one latent
+    net: torch.nn.Module  # the module whose forward velocity() calls; under torchrun the loop wraps it in DDP
 
     def schedule(self, num_steps: int) -> Tensor:
         """The (num_steps + 1,) t-schedule from 1 to 0 that this model samples with."""
@@ -608,7 +626,75 @@ def select(cond: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 8. The training loop (paper Algorithm: sample groups → rewards → advantages → clipped updates) ---
+# --- 8. Many processes (torchrun + torch.distributed + DistributedDataParallel) ---
+# ----------------------------------------------------------------------------------------------------------------
+# `torchrun --nproc_per_node R flow_grpo.py ...` starts R copies of this script. Every copy draws the same prompts
+# and the same per-batch noise seeds (shared seed), samples the batches m ≡ rank (mod R), all-gathers the rewards
+# so that GRPO's group statistics see every sample of a group, trains on its own batches, and lets DDP average
+# the gradients. Only rank 0 writes logs, images and checkpoints. A plain `python flow_grpo.py` is the R = 1 case
+# of the same code. NCCL on GPUs, gloo on CPUs.
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed has been initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> Optional[torch.device]:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); returns this process's
+    device, or None when running alone."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def gather_by_id(values: Tensor, ids: Tensor, n: int, device) -> Tensor:
+    """All processes' `values` (n_r,) for global sample ids `ids` (n_r,), assembled into one (n,) tensor."""
+    import torch.distributed as dist
+
+    rank, world = dist_rank_world()
+    out = torch.empty(n, dtype=values.dtype)
+    if world == 1:
+        out[ids] = values
+        return out
+    # NCCL moves only GPU tensors; gloo only CPU ones
+    dev = device if torch.device(device).type == "cuda" else "cpu"
+    parts_v = [torch.empty_like(values, device=dev) for _ in range(world)]
+    parts_i = [torch.empty_like(ids, device=dev) for _ in range(world)]
+    dist.all_gather(parts_v, values.to(dev))
+    dist.all_gather(parts_i, ids.to(dev))
+    out[torch.cat(parts_i).cpu()] = torch.cat(parts_v).cpu()
+    return out
+
+
+def all_reduce_sum(x: Tensor, device) -> Tensor:
+    import torch.distributed as dist
+
+    dev = device if torch.device(device).type == "cuda" else "cpu"
+    x = x.to(dev)
+    dist.all_reduce(x)
+    return x.cpu()
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(module, "module", module)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --- 9. The training loop (paper Algorithm: sample groups → rewards → advantages → clipped updates) ---
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -644,19 +730,22 @@ class Prompt:
 
 @dataclass
 class Samples:
-    """One epoch of sampled data: everything the training phase needs, batch-first."""
+    """One epoch of sampled data: everything the training phase needs, batch-first. n = N rows in one process,
+    N/R rows in each of R processes (rewards are kept whole: every process has all N)."""
 
-    prompt_index: Tensor  # (N,) which of the epoch's B prompts each sample belongs to (its group)
-    latents: Tensor  # (N, T+1, *D)
-    log_probs: Tensor  # (N, T)
+    prompt_index: Tensor  # (n,) which of the epoch's B prompts each sample belongs to (its group)
+    latents: Tensor  # (n, T+1, *D)
+    log_probs: Tensor  # (n, T)
     sigmas: Tensor  # (T+1,)
     noise_levels: Tensor  # (T,)
     trained_steps: list[int]  # the steps j to train on (all SDE steps)
-    rewards: Tensor  # (N,)
+    rewards: Tensor  # (N,) all processes' rewards, in global sample order
     reward_seconds: float  # time spent decoding and scoring (part of the sampling phase)
     reward_parts: dict[str, Tensor]  # name -> (N,) for a weighted-sum reward
-    advantages: Tensor  # (N,)
+    advantages: Tensor  # (n,)
     cond: dict[str, Tensor]  # the epoch's prompt conditioning, one row per prompt (B, ...)
+    sample_ids: Tensor  # (n,) the global ids (0..N−1) of this process's rows
+    batches: list[int]  # the batches m (of N/b) this process sampled, in row order
 
 
 class EMA:
@@ -715,23 +804,36 @@ def sde_window(cfg: Config, generator: torch.Generator) -> tuple[list[float], li
 def sample_epoch(
     cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[Prompt], generator: torch.Generator, device
 ) -> Samples:
-    """Phase 1 of an epoch: G trajectories for each of B prompts, their rewards and advantages."""
+    """Phase 1 of an epoch: G trajectories for each of B prompts, their rewards and advantages.
+
+    The N = B·G samples are shuffled once into N/b batches; batch m gets its own noise seed, so what a sample
+    looks like does not depend on how many processes share the work. With R processes (torchrun), process r
+    samples the batches m ≡ r (mod R); rewards are all-gathered so that every group's mean and std are computed
+    over all its G samples, wherever they were drawn; each process keeps the rows of its own batches."""
+    rank, world = dist_rank_world()
     B, G, b = len(prompts), cfg.group_size, cfg.batch_size
+    N = B * G
+    # the same draws on every process: levels/window, sample order, one noise seed per batch
+    levels, trained_steps = sde_window(cfg, generator)  # (T,) noise level per step, and the steps to train
+    order = torch.randperm(N, generator=generator)  # (N,) batch m holds samples order[m·b : (m+1)·b]
+    batch_seeds = torch.randint(0, 2**62, (N // b,), generator=generator)  # (N/b,)
+    my_batches = list(range(rank, N // b, world))
     # conditioning computed once per prompt and shared by the G samples of its group
     cond = model.encode([p.text for p in prompts])  # rows (B, ...)
-    prompt_index = torch.arange(B).repeat_interleave(G)  # (N,) = (B·G,): sample i belongs to group i // G
+    group_of = torch.arange(B).repeat_interleave(G)  # (N,): sample i belongs to prompt (group) i // G
     sigmas = model.schedule(cfg.num_steps).to(device)  # (T+1,)
-    levels, trained_steps = sde_window(cfg, generator)  # (T,) noise level per step, and the steps to train
     latents, log_probs, rewards, parts = [], [], [], []
     reward_seconds = 0.0  # decoding + reward models, reported apart from the denoising
     from tqdm import tqdm
 
-    for start in tqdm(range(0, B * G, b), desc="sampling", leave=False, disable=not sys.stderr.isatty()):
-        idx = prompt_index[start : start + b]  # (b,)
+    for m in tqdm(my_batches, desc="sampling", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+        ids = order[m * b : (m + 1) * b]  # (b,) global sample ids
+        idx = group_of[ids]  # (b,) their prompts
         cond_b = select(cond, idx)
-        x1 = torch.randn((len(idx), *model.latent_shape), generator=generator, device="cpu").to(device)  # (b, *D)
+        noise = torch.Generator().manual_seed(int(batch_seeds[m]))
+        x1 = torch.randn((b, *model.latent_shape), generator=noise).to(device)  # (b, *D)
         traj = rollout(
-            lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, levels, generator, cfg.log_prob_reduce, cfg.sde_type
+            lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, levels, noise, cfg.log_prob_reduce, cfg.sde_type
         )
         t_reward = time.time()
         images = model.decode(traj.latents[:, -1])
@@ -742,20 +844,26 @@ def sample_epoch(
         latents.append(traj.latents)
         log_probs.append(traj.log_probs)
         rewards.append(r)
-    rewards_all = torch.cat(rewards)  # (N,)
+    my_ids = torch.cat([order[m * b : (m + 1) * b] for m in my_batches])  # (n,) n = N/R samples of this process
+    # every process needs every reward: the group statistics span processes                 (N,) in sample order
+    all_rewards = gather_by_id(torch.cat(rewards), my_ids, N, device)
+    all_parts = {k: gather_by_id(torch.cat([p[k] for p in parts]), my_ids, N, device) for k in parts[0]}
+    # A_i = (R_i − mean of its group) / (std + 1e-4), clipped; computed identically on every process
+    advantages = group_advantages(all_rewards, group_of, cfg.global_std, cfg.adv_clip)  # (N,)
     return Samples(
-        prompt_index=prompt_index,
-        latents=torch.cat(latents),  # (N, T+1, *D)
-        log_probs=torch.cat(log_probs),  # (N, T)
+        prompt_index=group_of[my_ids],  # (n,)
+        latents=torch.cat(latents),  # (n, T+1, *D)
+        log_probs=torch.cat(log_probs),  # (n, T)
         sigmas=sigmas,
         noise_levels=traj.noise_levels,
         trained_steps=trained_steps,
-        rewards=rewards_all,
+        rewards=all_rewards,
         reward_seconds=reward_seconds,
-        reward_parts={k: torch.cat([p[k] for p in parts]) for k in parts[0]},
-        # A_i = (R_i − mean of its group) / (std + 1e-4), clipped
-        advantages=group_advantages(rewards_all, prompt_index, cfg.global_std, cfg.adv_clip),
+        reward_parts=all_parts,
+        advantages=advantages[my_ids],  # (n,)
         cond=cond,
+        sample_ids=my_ids,
+        batches=my_batches,
     )
 
 
@@ -769,54 +877,73 @@ def train_epoch(
     on_optimizer_step: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Phase 2 of an epoch: PPO-style clipped updates on every trained step of the stored trajectories.
-    Returns the epoch's mean diagnostics."""
+
+    Training reuses the sampling batches (same rows, same batch size): a recomputed log-prob sees exactly the
+    batch it was sampled in, so the first ratio is exactly 1 even for a network whose output depends on the batch
+    (the reference's FAQ warns about that for SD3). Optimiser step k accumulates the gradients of batches
+    [k·A, (k+1)·A) (A = plan.accumulation); with R processes each does its A/R of them and DDP averages.
+    Returns the epoch's mean diagnostics (averaged over processes)."""
+    rank, world = dist_rank_world()
     params = model.trainable_parameters()
     beta = cfg.resolved_beta()
-    N, b = len(s.rewards), cfg.batch_size
+    b, acc = cfg.batch_size, plan.accumulation
     device = s.latents.device
+    ddp = getattr(model, "net", None) if world > 1 else None
+    row_of = {m: i * b for i, m in enumerate(s.batches)}  # batch m → its first row in this process's tensors
     totals: dict[str, float] = {}
     count = 0
     from tqdm import tqdm
 
+    rounds = [[m for m in range(k * acc, (k + 1) * acc) if m in row_of] for k in range(cfg.optimizer_steps_per_epoch)]
     for _ in range(cfg.inner_epochs):
-        # shuffle samples (not timesteps) between batches; batch SIZE stays the sampling one (see Conventions)
-        perm = torch.randperm(N, generator=generator)  # (N,)
-        batches = perm.split(b)
-        for k, idx in enumerate(tqdm(batches, desc="training", leave=False, disable=not sys.stderr.isatty())):
-            cond_b = select(s.cond, s.prompt_index[idx])
-            adv = s.advantages[idx].to(device)  # (b,) the same advantage at every step of a trajectory
-            for j in s.trained_steps:
-                x_j = s.latents[idx, j]  # (b, *D)
-                x_next = s.latents[idx, j + 1]  # (b, *D) the action that was taken
-                t = s.sigmas[j].expand(len(idx))  # (b,)
-                a = float(s.noise_levels[j])
-                if beta > 0:
-                    # reference policy: the same network with the trainable delta switched off
-                    with torch.no_grad(), model.reference():
-                        v_ref = model.velocity(x_j, t, cond_b)
-                    _, _, ref_mean, _ = sde_step(x_j, v_ref, s.sigmas[j], s.sigmas[j + 1], a, x_next, sde_type=cfg.sde_type)
-                else:
-                    ref_mean = None
-                v = model.velocity(x_j, t, cond_b)
-                # log π_θ(x_{j+1} | x_j) under the current weights
-                _, log_prob, mean, std = sde_step(
-                    x_j, v, s.sigmas[j], s.sigmas[j + 1], a, x_next, reduce=cfg.log_prob_reduce, sde_type=cfg.sde_type
-                )
-                loss, info = grpo_loss(
-                    log_prob, s.log_probs[idx, j].to(device), adv, cfg.clip_range, mean, ref_mean, std, beta
-                )
-                # average the gradient over the accumulated batches and trained steps
-                (loss / (plan.accumulation * len(s.trained_steps))).backward()
-                for key, val in info.items():
-                    totals[key] = totals.get(key, 0.0) + val
-                count += 1
-            if (k + 1) % plan.accumulation == 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() * len(s.trained_steps)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                on_optimizer_step()
-    return {k: v / count for k, v in totals.items()}
+        for round_batches in tqdm(rounds, desc="training", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+            for i, m in enumerate(round_batches):
+                rows = torch.arange(row_of[m], row_of[m] + b)  # (b,)
+                cond_b = select(s.cond, s.prompt_index[rows])
+                adv = s.advantages[rows].to(device)  # (b,) the same advantage at every step of a trajectory
+                for jj, j in enumerate(s.trained_steps):
+                    # DDP all-reduces gradients on a backward; only the round's last one needs to (no_sync)
+                    last = i == len(round_batches) - 1 and jj == len(s.trained_steps) - 1
+                    with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                        info = train_step(cfg, model, s, rows, j, cond_b, adv, beta, scale=1 / (len(round_batches) * len(s.trained_steps)))
+                    for key, val in info.items():
+                        totals[key] = totals.get(key, 0.0) + val
+                    count += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() * len(round_batches) * len(s.trained_steps)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            on_optimizer_step()
+    stats = torch.tensor([totals[k] for k in sorted(totals)] + [count], dtype=torch.float64)
+    if world > 1:  # every process logs the same numbers: the means over all processes' batches
+        stats = all_reduce_sum(stats, device)
+    return {k: (stats[i] / stats[-1]).item() for i, k in enumerate(sorted(totals))}
+
+
+def train_step(
+    cfg: Config, model: FlowModel, s: Samples, rows: Tensor, j: int, cond_b: dict, adv: Tensor, beta: float, scale: float
+) -> dict[str, float]:
+    """Loss and backward of denoising step j for the trajectories `rows`; the gradient is scaled by `scale`
+    (1 / the number of (batch, step) terms accumulated into one optimiser step)."""
+    device = s.latents.device
+    x_j = s.latents[rows, j]  # (b, *D)
+    x_next = s.latents[rows, j + 1]  # (b, *D) the action that was taken
+    t = s.sigmas[j].expand(len(rows))  # (b,)
+    a = float(s.noise_levels[j])
+    ref_mean = None
+    if beta > 0:
+        # reference policy: the same network with the trainable delta switched off
+        with torch.no_grad(), model.reference():
+            v_ref = model.velocity(x_j, t, cond_b)
+        _, _, ref_mean, _ = sde_step(x_j, v_ref, s.sigmas[j], s.sigmas[j + 1], a, x_next, sde_type=cfg.sde_type)
+    v = model.velocity(x_j, t, cond_b)
+    # log π_θ(x_{j+1} | x_j) under the current weights
+    _, log_prob, mean, std = sde_step(
+        x_j, v, s.sigmas[j], s.sigmas[j + 1], a, x_next, reduce=cfg.log_prob_reduce, sde_type=cfg.sde_type
+    )
+    loss, info = grpo_loss(log_prob, s.log_probs[rows, j].to(device), adv, cfg.clip_range, mean, ref_mean, std, beta)
+    (loss * scale).backward()
+    return info
 
 
 @torch.no_grad()
@@ -850,12 +977,24 @@ def train(
 ) -> list[dict]:
     """Flow-GRPO. For each epoch: draw B prompts, sample G trajectories each with the SDE, score them, compute
     group advantages, then take clipped policy-gradient steps on the stored trajectories. Writes metrics.jsonl
-    and checkpoints into cfg.out. Returns the per-epoch metrics."""
-    plan = plan_batches(cfg)
+    and checkpoints into cfg.out. Returns the per-epoch metrics.
+
+    Under torchrun (torch.distributed initialised) every process runs this same function: see section 8."""
+    rank, world = dist_rank_world()
+    plan = plan_batches(cfg, world)
     if not prompts:
         raise ValueError("the prompt list is empty: give --prompts a file with at least one prompt")
+    if rank != 0:
+        log = lambda line: None  # noqa: E731  only rank 0 prints, writes metrics, images and checkpoints
+        on_eval = None
     log(plan.describe(cfg))
-    os.makedirs(cfg.out, exist_ok=True)
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+    if world > 1 and not isinstance(model.net, torch.nn.parallel.DistributedDataParallel):
+        # DDP averages the gradients over processes on backward (and starts every process from rank 0's weights).
+        # No buffers to broadcast: the frozen networks have none that change, and evaluation runs everywhere.
+        device_ids = [device] if torch.device(device).type == "cuda" else None
+        model.net = torch.nn.parallel.DistributedDataParallel(model.net, device_ids=device_ids, broadcast_buffers=False)
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
@@ -904,11 +1043,17 @@ def train(
                 on_eval(epoch, eval_samples, eval_rewards, eval_set)
         m["time/epoch_s"] = time.time() - t_start
         log(format_line(m))
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
         history.append(m)
         if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
-            save_checkpoint(cfg.out, epoch + 1, state["step"], model, optimizer, ema, cfg)
+            if rank == 0:
+                save_checkpoint(cfg.out, epoch + 1, state["step"], model, optimizer, ema, cfg)
+            if world > 1:  # nobody runs ahead (or resumes) before the checkpoint exists
+                import torch.distributed as dist
+
+                dist.barrier()
     return history
 
 
@@ -1017,7 +1162,7 @@ def load_checkpoint(out: str, model: FlowModel, optimizer, ema: Optional[EMA]) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 9. SD3.5-Medium: loading, LoRA, the CFG velocity, VAE decoding ---
+# --- 11. SD3.5-Medium: loading, LoRA, the CFG velocity, VAE decoding ---
 # ----------------------------------------------------------------------------------------------------------------
 
 MODEL_ALIASES = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium"}
@@ -1067,7 +1212,8 @@ class SD3Model(FlowModel):
         from peft import LoraConfig
 
         self.pipe, self.cfg, self.device, self.dtype = pipe, cfg, device, dtype
-        self.transformer = pipe.transformer
+        self.transformer = pipe.transformer  # the model itself (adapters, saving)
+        self.net = self.transformer  # what velocity() calls: the loop may wrap it in DDP
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, self.transformer):
             module.requires_grad_(False).eval()
         # frozen parts in the inference dtype; text encoders optionally on the CPU (T5-XXL alone is ~9.5 GB in bf16)
@@ -1113,7 +1259,7 @@ class SD3Model(FlowModel):
     def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         w = self.cfg.guidance_scale
         # CFG in ONE forward: rows [unconditional; conditional]                        (2N, C, H, W)
-        out = self.transformer(
+        out = self.net(
             hidden_states=torch.cat([x, x]).to(self.dtype),
             timestep=torch.cat([t, t]).to(self.device) * 1000,  # the transformer is fed 1000·t
             encoder_hidden_states=torch.cat([cond["neg_embeds"], cond["embeds"]]),
@@ -1167,7 +1313,7 @@ class SD3Model(FlowModel):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 11. Prompts, evaluation grid, command line ---
+# --- 12. Prompts, evaluation grid, command line ---
 # ----------------------------------------------------------------------------------------------------------------
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
@@ -1275,17 +1421,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import rewards
 
     try:
-        plan_batches(cfg)  # fail on impossible arithmetic before loading gigabytes
+        dist_device = init_distributed()  # None unless started by torchrun with several processes
+        rank, world = dist_rank_world()
+        plan_batches(cfg, world)  # fail on impossible arithmetic before loading gigabytes
         prompts = load_prompts(cfg.prompts)
         device, dtype = pick_device(cfg)
+        device = dist_device or device
         reward_fn = rewards.build_reward(cfg.reward, device=device)
         torch.manual_seed(cfg.seed)  # LoRA init
         model = SD3Model(load_pipeline(cfg.model, dtype), cfg, device, dtype)
     except (ValueError, FileNotFoundError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"model {cfg.model} on {device} ({dtype}) | reward {cfg.reward} | beta {cfg.resolved_beta()} | "
-          f"{len(prompts)} prompts from {cfg.prompts} | LoRA parameters {sum(p.numel() for p in model.params):,}")
+    if rank == 0:
+        print(f"model {cfg.model} on {device} x {world} ({dtype}) | reward {cfg.reward} | beta {cfg.resolved_beta()} | "
+              f"{len(prompts)} prompts from {cfg.prompts} | LoRA parameters {sum(p.numel() for p in model.params):,}")
 
     def on_eval(epoch: int, images: Tensor, rewards_: Tensor, eval_prompts: list[Prompt]) -> None:
         save_grid(os.path.join(cfg.out, f"eval-epoch-{epoch:06d}.png"), images, eval_prompts, rewards_)
@@ -1293,8 +1443,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         train(cfg, model, reward_fn, prompts, device, on_eval=on_eval)
     except (RewardError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun a non-zero exit of one process makes torchrun stop the others (no rank is left hanging)
+        print(f"error (rank {rank}): {e}", file=sys.stderr)
         return 1
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

@@ -260,13 +260,13 @@ class ToyModel(flow_grpo.FlowModel):
         from safetensors.torch import save_file
 
         os.makedirs(folder, exist_ok=True)
-        tensors = {k: v.contiguous() for k, v in self.net.state_dict().items()}
+        tensors = {k: v.contiguous() for k, v in flow_grpo.unwrap(self.net).state_dict().items()}
         save_file(tensors, os.path.join(folder, "model.safetensors"))
 
     def load_weights(self, folder: str) -> None:
         from safetensors.torch import load_file
 
-        self.net.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        flow_grpo.unwrap(self.net).load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(tmp_path, tiny_dir, train
 
 
 def test_first_training_ratio_is_exactly_one(tmp_path):
-    cfg = tiny_cfg(tmp_path, lr=0.0, weight_decay=0.0, groups_per_epoch=2, group_size=4, batch_size=4)
+    cfg = tiny_cfg(tmp_path, lr=0.0, weight_decay=0.0, groups_per_epoch=2, group_size=4, batch_size=4, beta=0.04)
     model = make_model(cfg)
     perturb_lora(model)  # a non-trivial policy, so a KL to the reference exists
     reward_fn = rewards.build_reward(cfg.reward)

@@ -15,14 +15,14 @@ EPOCHS = 40
 @pytest.mark.parametrize(
     "flags,min_on_manifold",
     [
-        # measured at 40 epochs, seed 0 (97% on their modes before): SDE 89%, CPS 89%, Fast 70%, CPS + Fast 55%
+        # measured at 40 epochs, seed 0 (97% on their modes before): SDE 93%, CPS 90%, Fast 62%, CPS + Fast 47%
         ([], 0.8),
         (["--sde_type", "cps"], 0.8),
         # Fast trains (and penalises the KL on) only a window of early steps. In this toy the MLP shares its weights
         # across t, so the untrained late steps drift too, unconstrained by the KL. The checks pin that this is a
         # partial drift, not a collapse (the README reports it).
-        (["--fast_window", "2"], 0.55),
-        (["--sde_type", "cps", "--fast_window", "2"], 0.4),
+        (["--fast_window", "2"], 0.5),
+        (["--sde_type", "cps", "--fast_window", "2"], 0.35),
     ],
 )
 def test_each_variant_trains_the_toy(tmp_path, flags, min_on_manifold):

@@ -579,7 +579,7 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
 # ----------------------------------------------------------------------------------------------------------------
 # --- 7. The model interface the training loop talks to ---
 # ----------------------------------------------------------------------------------------------------------------
-# The loop below is written once. A model (the 2D toy in toy/run.py, SD3.5-M in section 9) plugs in by
+# The loop below is written once. A model (the 2D toy in toy/run.py, SD3.5-M in section 11) plugs in by
 # providing these methods; "cond" is a dict of batch-first tensors, one row per prompt.
 
 
@@ -664,7 +664,7 @@ def gather_by_id(values: Tensor, ids: Tensor, n: int, device) -> Tensor:
     """All processes' `values` (n_r,) for global sample ids `ids` (n_r,), assembled into one (n,) tensor."""
     import torch.distributed as dist
 
-    rank, world = dist_rank_world()
+    world = dist_rank_world()[1]
     out = torch.empty(n, dtype=values.dtype)
     if world == 1:
         out[ids] = values
@@ -873,7 +873,6 @@ def train_epoch(
     model: FlowModel,
     s: Samples,
     optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
     on_optimizer_step: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Phase 2 of an epoch: PPO-style clipped updates on every trained step of the stored trajectories.
@@ -1021,7 +1020,7 @@ def train(
         epoch_prompts = draw_prompts(prompts, cfg.groups_per_epoch, cfg.seed, epoch)
         samples = sample_epoch(cfg, model, reward_fn, epoch_prompts, generator, device)
         t_sampled = time.time()
-        stats = train_epoch(cfg, plan, model, samples, optimizer, generator, after_optimizer_step)
+        stats = train_epoch(cfg, plan, model, samples, optimizer, after_optimizer_step)
         t_trained = time.time()
         m: dict[str, Any] = {
             "epoch": epoch,

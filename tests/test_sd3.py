@@ -91,7 +91,7 @@ def test_first_training_ratio_is_exactly_one(tmp_path):
     samples = fg.sample_epoch(cfg, model, reward_fn, [fg.Prompt(p) for p in PROMPTS], gen, CPU)
     assert samples.latents.shape == (8, cfg.num_steps + 1, *model.latent_shape)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=0.0, weight_decay=0.0)
-    stats = fg.train_epoch(cfg, fg.plan_batches(cfg), model, samples, opt, gen)
+    stats = fg.train_epoch(cfg, fg.plan_batches(cfg), model, samples, opt)
     # unchanged weights: every recomputed log-prob equals the stored one, in shuffled batches of the same size
     assert stats["ratio"] == 1.0
     assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0

@@ -57,7 +57,7 @@ def count_forwards(**overrides):
     plan = fg.plan_batches(cfg)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr)
     CountingToy.calls = 0
-    fg.train_epoch(cfg, plan, model, samples, opt, gen)
+    fg.train_epoch(cfg, plan, model, samples, opt)
     training = CountingToy.calls
     assert sampling + training == plan.forwards_per_epoch  # the plan printed at start-up counts right
     return sampling, training, plan

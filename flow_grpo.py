@@ -48,7 +48,10 @@ functions that need them, so the toy and the tests of the math never pay for the
 #   all latent elements (C·H·W), as the reference implementation does; see sde_step for what that does to the
 #   PPO ratio. reduce="sum" gives the exact log-density.
 # * Shape legend:  B prompts (groups) · G group size · N = B·G samples · T denoising steps ·
-#   D latent element shape (C, H, W) for SD3, (2,) for the toy.
+#   D latent element shape (C, H, W) for SD3, (2,) for the toy · b batch size · n rows held by one process
+#   (n = N alone; N/R for each of R processes under torchrun).
+# * Batches: an epoch's N samples are shuffled ONCE into N/b batches when they are sampled, and training reuses
+#   exactly those batches (same rows, same size), so a recomputed log-prob sees the batch it was sampled in.
 # * The SDE step is always computed in float32, whatever dtype the network runs in.
 
 from __future__ import annotations

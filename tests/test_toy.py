@@ -35,12 +35,12 @@ def runs(tmp_path_factory):
 def test_reward_rises_and_samples_stay_on_their_modes(runs):
     m, _ = runs[toy.TOY_BETA]
     # the pre-trained model splits each prompt ~50/50 between its modes: reward ≈ 0.33 of the 0.57 reachable on
-    # the data. Seeds 0–3 gain 0.15–0.2 in 30 epochs; the standard error of each mean is ≈ 0.01.
+    # the data. Seeds 0–3 gain 0.16–0.17 in 30 epochs; the standard error of each mean is ≈ 0.01.
     assert m["reward_before"] == pytest.approx(0.33, abs=0.05)
     assert m["reward_after"] > m["reward_before"] + 0.1
     # ... without leaving the data: the KL keeps the samples on their prompt's modes
     assert m["on_manifold_before"] > 0.9
-    assert m["on_manifold_after"] > 0.8  # 0.88–0.94 on seeds 0–3 (a few samples are mid-way to the better mode)
+    assert m["on_manifold_after"] > 0.8  # 0.84–0.97 on seeds 0–3 (a few samples are mid-way to the better mode)
     assert m["reward_after"] < m["reward_best_on_manifold"] + 0.02
     # before any update the model IS the reference
     assert m["kl_to_ref_before"] == 0.0

@@ -1,13 +1,14 @@
-"""Flow-GRPO on a 2D toy: the SAME training loop as SD3.5-M, on a laptop CPU in about 15 seconds.
+"""Flow-GRPO on a 2D toy: the SAME training loop as SD3.5-M, on a laptop CPU in about 12 seconds.
 
     python toy/run.py                 # β = 0.3, 60 epochs: writes toy/out/toy.png and toy/out/metrics.json
     python toy/run.py --beta 0        # no KL to the pre-trained model: watch the samples leave the data modes
 
 What you should see (seed 0, one CPU core, ~12 s):
-    default     reward 0.333 → 0.537 (0.568 is the most a model can earn on its data), samples on their modes
-                97% → 96%, kl_to_ref 0.04
-    --beta 0    reward 0.333 → 0.974: every sample has left the data for the reward's peak (0% on their modes),
-                kl_to_ref 4.5. That is reward hacking, and the KL term is what prevents it.
+    default     reward 0.333 → 0.553 (0.568 is the most a model can earn on its data), samples on their modes
+                97% → 95%, kl_to_ref 0.05
+    --beta 0    reward 0.333 → 0.965: every sample has left the data for the reward's peak (0% on their modes),
+                kl_to_ref 4.6. That is reward hacking, and the KL term is what prevents it.
+    --fast_window 2 / --sde_type cps: the faster variants (flow_grpo.py explains them; README has their numbers)
 
 What happens (each step is a numbered banner below):
     1. The data: 8 small Gaussians on a ring; 4 "prompts", each owning 2 OPPOSITE modes, so that a prompt's
@@ -204,7 +205,7 @@ def pretrained(seed: int) -> VelocityMLP:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 5. ToyModel: the FlowModel interface that flow_grpo.train drives (SD3's is in flow_grpo.py section 9) ---
+# --- 5. ToyModel: the FlowModel interface that flow_grpo.train drives (SD3's is in flow_grpo.py section 11) ---
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -356,9 +357,9 @@ def measure(model: ToyModel, cfg: flow_grpo.Config) -> dict:
 # β, the weight of the KL to the pre-trained model. The paper's 0.01–0.04 balance another reward scale and a KL
 # averaged over 65 536 latent elements; what matters is the outcome. Measured at 60 epochs, seeds 0–3 (reward from
 # 0.30–0.35 before, 97% on their modes before, 0.57 the most reachable on the data):
-#     β = 0     reward 0.83–0.99, 0% on their modes: every sample moved to the reward's peak; kl_to_ref 2.5–10
-#     β = 0.3   reward 0.50–0.54, 91–96% on their modes;                                      kl_to_ref 0.04–0.07
-#     β = 1     reward 0.41–0.45 (about half the gain), 90–98% on their modes;                kl_to_ref 0.01–0.03
+#     β = 0     reward 0.80–0.99, 0% on their modes: every sample moved to the reward's peak; kl_to_ref 3.2–4.8
+#     β = 0.3   reward 0.50–0.55, 92–95% on their modes;                                      kl_to_ref 0.04–0.07
+#     β = 1     reward 0.40–0.45 (about half the gain), 92–96% on their modes;                kl_to_ref 0.01–0.02
 TOY_BETA = 0.3
 
 
@@ -608,7 +609,7 @@ def _run(args: argparse.Namespace, log) -> dict:
         f" | on manifold {before['on_manifold']:.3f} | best reward on the manifold {reward_best_on_manifold():+.4f}"
     )
 
-    # The SAME loop that fine-tunes SD3.5-M (flow_grpo.py section 8).
+    # The SAME loop that fine-tunes SD3.5-M (flow_grpo.py section 9).
     prompts = [flow_grpo.Prompt(text) for text in PROMPTS]
     history = flow_grpo.train(cfg, model, toy_reward, prompts, log=log)
 

@@ -986,6 +986,7 @@ def train(
     plan = plan_batches(cfg, world)
     if not prompts:
         raise ValueError("the prompt list is empty: give --prompts a file with at least one prompt")
+    check_out_folder(cfg)
     if rank != 0:
         log = lambda line: None  # noqa: E731  only rank 0 prints, writes metrics, images and checkpoints
         on_eval = None
@@ -1100,6 +1101,16 @@ def latest_checkpoint(out: str) -> Optional[str]:
     if not os.path.exists(pointer):
         return None
     return os.path.join(out, "checkpoints", open(pointer).read().strip())
+
+
+def check_out_folder(cfg: Config) -> None:
+    """A fresh run in a folder holding another run's checkpoints would prune them and append to its metrics:
+    refuse (never lose a checkpoint). --resume is how to continue that run."""
+    if not cfg.resume and latest_checkpoint(cfg.out) is not None:
+        raise FileExistsError(
+            f"{cfg.out} already holds a run's checkpoints ({latest_checkpoint(cfg.out)}): pass --resume to "
+            f"continue it, or choose another --out"
+        )
 
 
 def save_checkpoint(out: str, epoch: int, step: int, model: FlowModel, optimizer, ema: Optional[EMA], cfg: Config) -> str:
@@ -1428,16 +1439,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         dist_device = init_distributed()  # None unless started by torchrun with several processes
         rank, world = dist_rank_world()
-        plan_batches(cfg, world)  # fail on impossible arithmetic before loading gigabytes
+        plan_batches(cfg, world)  # fail on impossible arithmetic (and below, a taken --out) before loading gigabytes
+        check_out_folder(cfg)
         prompts = load_prompts(cfg.prompts)
         device, dtype = pick_device(cfg)
         device = dist_device or device
         reward_fn = rewards.build_reward(cfg.reward, device=device)
         torch.manual_seed(cfg.seed)  # LoRA init
         model = SD3Model(load_pipeline(cfg.model, dtype), cfg, device, dtype)
-    except (ValueError, FileNotFoundError, ModelLoadError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
     if rank == 0:
         print(f"model {cfg.model} on {device} x {world} ({dtype}) | reward {cfg.reward} | beta {cfg.resolved_beta()} | "
               f"{len(prompts)} prompts from {cfg.prompts} | LoRA parameters {sum(p.numel() for p in model.params):,}")

@@ -150,6 +150,20 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]  # appended, not overwritten
 
 
+def test_a_fresh_run_never_overwrites_an_existing_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, epochs=1)
+    prompts = [fg.Prompt(p) for p in PROMPTS]
+    fg.train(cfg, make_model(cfg), rewards.build_reward(cfg.reward), prompts, log=lambda s: None)
+    ckpt = fg.latest_checkpoint(cfg.out)
+    before = sorted(os.listdir(ckpt))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        fg.train(cfg, make_model(cfg), rewards.build_reward(cfg.reward), prompts, log=lambda s: None)
+    assert fg.latest_checkpoint(cfg.out) == ckpt and sorted(os.listdir(ckpt)) == before
+    assert len(open(os.path.join(cfg.out, "metrics.jsonl")).readlines()) == 1
+    code = fg.main(["--model", "tiny-random", "--out", cfg.out])  # the command line says so before loading
+    assert code == 2
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     cfg = tiny_cfg(tmp_path, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):

@@ -218,7 +218,8 @@ def sde_step(
     the per-element *geometric mean* of the density ratios, the 1/(C·H·W) power of the true ratio. For SD3 at
     512 px (16·64·64 = 65 536 elements) the true ratio moves 65 536 times faster in log space, so a clip range
     like 1e-4 would be hit by any update; the maintainers report that summing with a rescaled clip range was
-    unstable. The gradient direction of the unclipped objective is unchanged (only scaled by 1/(C·H·W)); what
+    unstable. At r = 1 (the first update of an epoch) the gradient direction of the unclipped objective is
+    unchanged, only scaled by 1/(C·H·W), and approximately so while the ratios stay near 1; what
     changes is where clipping starts.
     """
     if not noise_level >= 0:  # also catches NaN
@@ -566,6 +567,16 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
             )
     if cfg.sde_type not in ("sde", "cps"):
         raise ValueError(f"--sde_type must be 'sde' or 'cps', got {cfg.sde_type!r}")
+    if cfg.sde_type == "cps" and (cfg.noise_level > 1 or (n_train > cfg.num_steps - 1 and not cfg.fast_window)):
+        # CPS's last step (t' = 0) has std 0: no density to train on
+        raise ValueError(
+            f"CPS needs --noise_level <= 1 (got {cfg.noise_level}) and must not train the last step: "
+            f"--timestep_fraction {cfg.timestep_fraction} trains {n_train} of {cfg.num_steps}; use 0.99"
+        )
+    if cfg.mixed_precision not in ("bf16", "fp16", "no"):
+        raise ValueError(f"--mixed_precision must be bf16, fp16 or no, got {cfg.mixed_precision!r}")
+    if cfg.log_prob_reduce not in ("mean", "sum"):
+        raise ValueError(f"--log_prob_reduce must be mean or sum, got {cfg.log_prob_reduce!r}")
     ref_factor = 2 if cfg.resolved_beta() > 0 else 1  # the reference forward for the KL
     forwards = batches * cfg.num_steps + cfg.inner_epochs * batches * n_train * ref_factor  # sampling + training
     return BatchPlan(
@@ -741,7 +752,7 @@ class Samples:
     log_probs: Tensor  # (n, T)
     sigmas: Tensor  # (T+1,)
     noise_levels: Tensor  # (T,)
-    trained_steps: list[int]  # the steps j to train on (all SDE steps)
+    trained_steps: list[int]  # the SDE steps j that are trained
     rewards: Tensor  # (N,) all processes' rewards, in global sample order
     reward_seconds: float  # time spent decoding and scoring (part of the sampling phase)
     reward_parts: dict[str, Tensor]  # name -> (N,) for a weighted-sum reward
@@ -877,6 +888,7 @@ def train_epoch(
     s: Samples,
     optimizer: torch.optim.Optimizer,
     on_optimizer_step: Callable[[], None] = lambda: None,
+    scaler: Optional[torch.amp.GradScaler] = None,
 ) -> dict[str, float]:
     """Phase 2 of an epoch: PPO-style clipped updates on every trained step of the stored trajectories.
 
@@ -889,6 +901,7 @@ def train_epoch(
     params = model.trainable_parameters()
     beta = cfg.resolved_beta()
     b, acc = cfg.batch_size, plan.accumulation
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)  # disabled: every call is a pass-through
     device = s.latents.device
     ddp = getattr(model, "net", None) if world > 1 else None
     row_of = {m: i * b for i, m in enumerate(s.batches)}  # batch m → its first row in this process's tensors
@@ -907,13 +920,16 @@ def train_epoch(
                     # DDP all-reduces gradients on a backward; only the round's last one needs to (no_sync)
                     last = i == len(round_batches) - 1 and jj == len(s.trained_steps) - 1
                     with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                        info = train_step(cfg, model, s, rows, j, cond_b, adv, beta, scale=1 / (len(round_batches) * len(s.trained_steps)))
+                        scale = 1 / (len(round_batches) * len(s.trained_steps))
+                        info = train_step(cfg, model, s, rows, j, cond_b, adv, beta, scale, scaler)
                     for key, val in info.items():
                         totals[key] = totals.get(key, 0.0) + val
                     count += 1
+            scaler.unscale_(optimizer)  # fp16 only: undo the loss scale before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() * len(round_batches) * len(s.trained_steps)
-            optimizer.step()
+            scaler.step(optimizer)  # = optimizer.step(), skipped by fp16's scaler if a gradient overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             on_optimizer_step()
     stats = torch.tensor([totals[k] for k in sorted(totals)] + [count], dtype=torch.float64)
@@ -923,7 +939,8 @@ def train_epoch(
 
 
 def train_step(
-    cfg: Config, model: FlowModel, s: Samples, rows: Tensor, j: int, cond_b: dict, adv: Tensor, beta: float, scale: float
+    cfg: Config, model: FlowModel, s: Samples, rows: Tensor, j: int, cond_b: dict, adv: Tensor, beta: float,
+    scale: float, scaler: torch.amp.GradScaler,
 ) -> dict[str, float]:
     """Loss and backward of denoising step j for the trajectories `rows`; the gradient is scaled by `scale`
     (1 / the number of (batch, step) terms accumulated into one optimiser step)."""
@@ -944,7 +961,9 @@ def train_step(
         x_j, v, s.sigmas[j], s.sigmas[j + 1], a, x_next, reduce=cfg.log_prob_reduce, sde_type=cfg.sde_type
     )
     loss, info = grpo_loss(log_prob, s.log_probs[rows, j].to(device), adv, cfg.clip_range, mean, ref_mean, std, beta)
-    (loss * scale).backward()
+    # fp16 only: dL/dv is ~1e-8 (a log-prob averaged over 65 536 elements), below fp16's smallest normal number;
+    # the scaler multiplies the loss before backward and divides the gradients before the optimiser step
+    scaler.scale(loss * scale).backward()
     return info
 
 
@@ -1003,10 +1022,14 @@ def train(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
     )
     ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+    # loss scaling for fp16 networks on a GPU (bf16 has float32's exponent range and needs none)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and torch.device(device).type == "cuda")
     epoch0, step = 0, 0
     if cfg.resume:
         epoch0, step = load_checkpoint(cfg.out, model, optimizer, ema)
         log(f"resumed from {latest_checkpoint(cfg.out)}: epoch {epoch0}, optimiser step {step}")
+        if rank == 0:
+            forget_metrics_after(os.path.join(cfg.out, "metrics.jsonl"), epoch0)
     eval_set = draw_prompts(prompts, min(cfg.eval_prompts, len(prompts)), cfg.seed, epoch=-1)
     state = {"step": step}
 
@@ -1024,7 +1047,7 @@ def train(
         epoch_prompts = draw_prompts(prompts, cfg.groups_per_epoch, cfg.seed, epoch)
         samples = sample_epoch(cfg, model, reward_fn, epoch_prompts, generator, device)
         t_sampled = time.time()
-        stats = train_epoch(cfg, plan, model, samples, optimizer, after_optimizer_step)
+        stats = train_epoch(cfg, plan, model, samples, optimizer, after_optimizer_step, scaler)
         t_trained = time.time()
         m: dict[str, Any] = {
             "epoch": epoch,
@@ -1103,6 +1126,14 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return os.path.join(out, "checkpoints", open(pointer).read().strip())
 
 
+def forget_metrics_after(path: str, epoch: int) -> None:
+    """Drop the metrics of epochs >= `epoch`: a run that crashed after its last checkpoint logged epochs that the
+    resumed run is about to redo."""
+    if os.path.exists(path):
+        lines = [line for line in open(path) if line.strip() and json.loads(line)["epoch"] < epoch]
+        _atomic_write_text(path, "".join(lines))
+
+
 def check_out_folder(cfg: Config) -> None:
     """A fresh run in a folder holding another run's checkpoints would prune them and append to its metrics:
     refuse (never lose a checkpoint). --resume is how to continue that run."""
@@ -1139,6 +1170,10 @@ def save_checkpoint(out: str, epoch: int, step: int, model: FlowModel, optimizer
     save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
     meta = {"epoch": epoch, "step": step, "param_groups": opt["param_groups"], "config": dataclasses.asdict(cfg)}
     _atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
+    for folder, _, files in os.walk(tmp):  # on disk before the rename, so the rename never exposes a half-written file
+        for file in files:
+            with open(os.path.join(folder, file), "rb") as f:
+                os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _atomic_write_text(os.path.join(root, "latest"), name)
@@ -1235,7 +1270,7 @@ class SD3Model(FlowModel):
             _move(enc, self.text_device, dtype)
         _move(pipe.vae, device, dtype)
         _move(self.transformer, device, dtype)
-        # LoRA: W x + (α/r)·B A x with A, B trainable; "gaussian" init draws A ~ N(0, 1/r) and sets B = 0, so
+        # LoRA: W x + (α/r)·B A x with A, B trainable; "gaussian" init draws A ~ N(0, (1/r)²) and sets B = 0, so
         # training starts exactly at the pre-trained model (and the first KL is 0)
         self.transformer.add_adapter(
             LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)

@@ -36,7 +36,8 @@ def build(mode: str, out: str):
     import rewards
 
     cfg = fg.parse_config(["--model", "tiny-random", "--reward", "jpeg_compressibility", "--out", out])
-    cfg = dataclasses.replace(cfg, epochs=2, group_size=4, groups_per_epoch=4, batch_size=4, eval_every=0, save_every=0)
+    # β > 0 (the preset has 0): the reference forward (adapter disabled) must work through the DDP wrapper too
+    cfg = dataclasses.replace(cfg, epochs=2, group_size=4, groups_per_epoch=4, batch_size=4, eval_every=0, save_every=0, beta=0.04)
     torch.manual_seed(cfg.seed)
     model = fg.SD3Model(fg.load_pipeline("tiny-random", torch.float32), cfg, torch.device("cpu"), torch.float32)
     return cfg, model, rewards.build_reward(cfg.reward), [fg.Prompt(p) for p in ["a red cube", "two cats", "a tree", "sea"]], "cpu"

@@ -744,6 +744,20 @@ def test_cps_log_prob_is_the_normal_density(per_sample):
     torch.testing.assert_close(lp_mean, ref / 15, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sde_type="cps", timestep_fraction=1.0), "must not train the last step"),
+        (dict(sde_type="cps", noise_level=1.5), "CPS needs --noise_level <= 1"),
+        (dict(mixed_precision="fp8"), "--mixed_precision must be"),
+        (dict(log_prob_reduce="max"), "--log_prob_reduce must be"),
+    ],
+)
+def test_plan_rejects_configs_that_would_train_on_garbage(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fg.plan_batches(fg.Config(**kwargs))
+
+
 def test_cps_last_step_is_deterministic_and_a_above_one_is_rejected():
     x = torch.randn(3, 2)
     _, lp, mean, std = fg.sde_step(x, x, 0.1, 0.0, 0.7, sde_type="cps")

@@ -150,6 +150,25 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]  # appended, not overwritten
 
 
+def test_resume_after_a_crash_past_the_checkpoint_forgets_the_lost_epochs(tmp_path):
+    prompts = [fg.Prompt(p) for p in PROMPTS]
+    reward_fn = rewards.build_reward("jpeg_compressibility")
+    cfg = tiny_cfg(tmp_path, epochs=2, save_every=1)
+    fg.train(cfg, make_model(cfg), reward_fn, prompts, log=lambda s: None)
+    # a crash after epoch 2 was logged but before its checkpoint: remove that checkpoint, keep the log line
+    root = os.path.join(cfg.out, "checkpoints")
+    import shutil
+
+    shutil.rmtree(os.path.join(root, "epoch-000002"))
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("epoch-000001")
+    resumed = dataclasses.replace(cfg, resume=True)
+    hist = fg.train(resumed, make_model(resumed), reward_fn, prompts, log=lambda s: None)
+    assert [m["epoch"] for m in hist] == [1]
+    lines = open(os.path.join(cfg.out, "metrics.jsonl")).read().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1]  # epoch 1 once, from the resumed run
+
+
 def test_a_fresh_run_never_overwrites_an_existing_run(tmp_path):
     cfg = tiny_cfg(tmp_path, epochs=1)
     prompts = [fg.Prompt(p) for p in PROMPTS]

@@ -801,3 +801,21 @@ def test_cps_is_not_marginal_preserving_for_a_spread_target():
         assert (em < K_SE * sem).all(), (sde_type, em, sem)
         var_err[sde_type] = (x[:, 0].var() - GAUSS_SIG[0, 0]).item()
     assert var_err["cps"] < -0.05 and abs(var_err["sde"]) < 0.01, var_err
+
+
+# =====================================================================================================================
+# 9. EMA of the trainable weights
+# =====================================================================================================================
+
+
+def test_ema_update_and_swap():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    ema = fg.EMA([p], decay=0.9)
+    with torch.no_grad():
+        p.copy_(torch.tensor([3.0, 0.0]))
+    ema.update()
+    # w_ema ← d·w_ema + (1 − d)·w = 0.9·(1, 2) + 0.1·(3, 0)
+    torch.testing.assert_close(ema.shadow[0], torch.tensor([1.2, 1.8]))
+    with ema.swapped_in():
+        torch.testing.assert_close(p.detach(), torch.tensor([1.2, 1.8]))
+    torch.testing.assert_close(p.detach(), torch.tensor([3.0, 0.0]))  # the trained weights come back

@@ -1024,12 +1024,13 @@ def train(
     ema = EMA(params, cfg.ema_decay) if cfg.ema else None
     # loss scaling for fp16 networks on a GPU (bf16 has float32's exponent range and needs none)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and torch.device(device).type == "cuda")
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     epoch0, step = 0, 0
     if cfg.resume:
         epoch0, step = load_checkpoint(cfg.out, model, optimizer, ema)
         log(f"resumed from {latest_checkpoint(cfg.out)}: epoch {epoch0}, optimiser step {step}")
         if rank == 0:
-            forget_metrics_after(os.path.join(cfg.out, "metrics.jsonl"), epoch0)
+            forget_metrics_after(metrics_path, epoch0)
     eval_set = draw_prompts(prompts, min(cfg.eval_prompts, len(prompts)), cfg.seed, epoch=-1)
     state = {"step": step}
 
@@ -1039,7 +1040,6 @@ def train(
             ema.update()
 
     history = []
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     for epoch in range(epoch0, cfg.epochs):
         t_start = time.time()
         # one generator per epoch: a resumed run draws exactly the noise the uninterrupted run would have drawn

@@ -137,6 +137,8 @@ class Config:
     gradient_checkpointing: bool = False  # trade compute for activation memory in the transformer
     text_encoders_on_cpu: bool = False  # keep CLIP-L, CLIP-G and T5-XXL on the CPU (saves ~11 GB of GPU memory)
     max_sequence_length: int = 256  # T5 tokens per prompt (diffusers' SD3 default)
+    cpu: bool = False  # run on the CPU (float32) even where a GPU exists; under torchrun every process, with gloo
+    dist_timeout_s: float = 600.0  # torchrun: a rank that does not answer for this long ends the run (not a hang)
 
     def resolved_beta(self) -> float:
         if self.beta is not None:
@@ -658,19 +660,29 @@ def dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> Optional[torch.device]:
+def init_distributed(cpu: bool = False, timeout_s: float = 600.0) -> Optional[torch.device]:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); returns this process's
-    device, or None when running alone."""
+    device, or None when running alone. One GPU per process (NCCL), or every process on the CPU (gloo) when there
+    is no GPU or `cpu` is set. A collective that waits longer than `timeout_s` for a rank raises instead of hanging."""
+    import datetime
+
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    if torch.cuda.is_available():
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if torch.cuda.is_available() and not cpu:
+        procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])), torch.cuda.device_count()
+        if procs > gpus:  # checked before touching a device: `cuda:<rank>` would fail with "invalid device ordinal"
+            raise ValueError(
+                f"torchrun started {procs} processes on this machine but it has {gpus} visible GPU(s): run "
+                f"torchrun --nproc_per_node {gpus} (one process per GPU), or add --cpu to run every process on the CPU"
+            )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
         return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return torch.device("cpu")
 
 
@@ -1461,7 +1473,7 @@ def _field_comments() -> dict[str, str]:
 
 
 def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cfg.cpu:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[cfg.mixed_precision]
         return torch.device("cuda"), dtype
     return torch.device("cpu"), torch.float32  # CPU: half precision is slow and inexact there
@@ -1472,7 +1484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import rewards
 
     try:
-        dist_device = init_distributed()  # None unless started by torchrun with several processes
+        dist_device = init_distributed(cfg.cpu, cfg.dist_timeout_s)  # None unless torchrun started several processes
         rank, world = dist_rank_world()
         plan_batches(cfg, world)  # fail on impossible arithmetic (and below, a taken --out) before loading gigabytes
         check_out_folder(cfg)
@@ -1498,6 +1510,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (RewardError, FileNotFoundError) as e:
         # under torchrun a non-zero exit of one process makes torchrun stop the others (no rank is left hanging)
         print(f"error (rank {rank}): {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # gloo raises "Timed out waiting ..."; NCCL's watchdog ends the process itself
+        if world == 1 or "timed out" not in str(e).lower():
+            raise
+        print(f"error (rank {rank}): another process did not answer for --dist_timeout_s {cfg.dist_timeout_s:g} s "
+              f"(stopped, crashed or stuck; raise the flag if a step legitimately takes that long): {e}", file=sys.stderr)
         return 1
     if world > 1:
         import torch.distributed as dist

@@ -6,6 +6,7 @@ and save to a temporary folder, and OCR reads text that PIL renders here.
 
 import io
 import os
+import shutil
 import string
 
 import numpy as np
@@ -128,6 +129,15 @@ def test_normalize_text_lowercases_and_drops_whitespace():
     assert rewards.normalize_text("  Hello,\n  World ") == "hello,world"
 
 
+# Skipped where the tesseract program is missing, except under CI (CI=true): there a missing program fails these
+# tests (with rewards.py's install message), so CI can never go green by skipping them.
+needs_tesseract = pytest.mark.skipif(
+    shutil.which("tesseract") is None and os.environ.get("CI", "").lower() not in ("true", "1"),
+    reason="needs the tesseract program: apt-get install tesseract-ocr tesseract-ocr-eng (Debian/Ubuntu)",
+)
+
+
+@needs_tesseract
 def test_ocr_reads_rendered_word():
     image = render_word("FLOW")
     images = torch.cat([image, image])
@@ -137,6 +147,7 @@ def test_ocr_reads_rendered_word():
     assert scores[1] < scores[0]
 
 
+@needs_tesseract
 def test_ocr_target_from_quoted_prompt_and_metadata_precedence():
     image = render_word("FLOW")
     from_prompt = rewards.ocr(image, ['a neon sign that says "Flow" at night'], [{}])
@@ -146,6 +157,7 @@ def test_ocr_target_from_quoted_prompt_and_metadata_precedence():
     assert rewards.ocr_target("a poster reading \u201cHi there\u201d", {}) == "Hi there"
 
 
+@needs_tesseract
 def test_ocr_blank_image_scores_zero():
     blank = torch.ones(1, 3, 128, 320)
     assert rewards.ocr(blank, ['"FLOW"'], [{}]).item() == 0.0

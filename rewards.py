@@ -54,11 +54,14 @@ and ``import rewards`` itself imports neither transformers nor pytesseract.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
 import re
 import shutil
+import socket
+import urllib.parse
 
 import torch
 from PIL import Image
@@ -257,6 +260,22 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
+# Why 3 s: a TCP handshake with a reachable hub takes well under a second even on a slow link; 3 s is far below
+# the minute the hub client spends retrying when it is not reachable.
+@functools.lru_cache(maxsize=None)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub ($HF_ENDPOINT) accepts a TCP connection within ``timeout`` seconds; False
+    under HF_HUB_OFFLINE=1. Asked once per process."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return True
+    except OSError:  # no route, no DNS, refused, timed out
+        return False
+
+
 class ClipReward:
     """Scores images against their prompts with a CLIP model.
 
@@ -279,16 +298,21 @@ class ClipReward:
         self.processor = None
 
     def _load_one(self, what: str, name: str, loader):
-        if not os.path.isdir(os.path.expanduser(name)) and _looks_like_path(name):
+        local = os.path.isdir(os.path.expanduser(name))
+        if not local and _looks_like_path(name):
             raise RuntimeError(
                 f"cannot load the CLIP {what} from {name!r}: that folder does not exist. "
                 "Pass an existing folder made with save_pretrained or `hf download`, or a hub id."
             )
+        offline = not local and not _hub_reachable()
         try:
-            return loader(os.path.expanduser(name))
+            # Why local_files_only when offline: the hub client would otherwise retry every file for about a minute
+            return loader(os.path.expanduser(name), local_files_only=offline)
         except Exception as err:  # offline, missing files, bad folder: all need the same fix
             raise RuntimeError(
-                f"cannot load the CLIP {what} {name!r} ({type(err).__name__}: {err}). "
+                f"cannot load the CLIP {what} {name!r}"
+                + (" (the Hugging Face hub is unreachable, so only the local cache was searched)" if offline else "")
+                + f" ({type(err).__name__}: {err}). "
                 f"On a machine with network run `hf download {name}` (older huggingface_hub: "
                 f"`huggingface-cli download {name}`) to fill the Hugging Face cache, "
                 "or pass a local folder holding the files instead of the hub id."

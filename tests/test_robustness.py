@@ -130,10 +130,11 @@ def test_resume_with_a_new_lr_trains_with_it(two_checkpoints, tmp_path):
     state = json.load(open(os.path.join(fg.latest_checkpoint(cfg.out), "trainer_state.json")))
     assert state["epoch"] == 3 and state["param_groups"][0]["lr"] == 0.0 == state["config"]["lr"]
 
-    # control: resumed with the checkpoint's lr, the same epoch does move them (so the check above can fail)
+    # control: resumed with the checkpoint's lr, the same epoch does move them (so the check above can fail).
+    # Adam moves a weight by up to ~lr = 3e-2 per step; largest change measured over seeds 0-4: 0.054 to 0.058
     model = make_model(control)
     run(dataclasses.replace(control, resume="latest", epochs=3), model)
-    assert max((a - b).abs().max().item() for a, b in zip(model.trainable_parameters(), saved)) > 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(model.trainable_parameters(), saved)) > 0.01
 
 
 def test_resume_cli_forms():
@@ -225,14 +226,14 @@ def test_an_unreachable_reward_model_fails_in_seconds_before_the_model_loads(tmp
     monkeypatch.setitem(rewards.REWARDS, "pickscore", pickscore)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     rewards._hub_reachable.cache_clear()
-    import transformers  # noqa: F401  imported before the clock starts: we time the loading, not the import
+    from transformers import AutoProcessor, CLIPModel  # noqa: F401  imported before the clock: we time loading, not importing
 
     start = time.time()
     code, err = run_main(["--model", "tiny-random", "--reward", "pickscore", "--out", str(tmp_path / "o")], capsys)
     seconds = time.time() - start
     rewards._hub_reachable.cache_clear()
     assert code == 2 and "hub is unreachable" in err and "hf download" in err and "Traceback" not in err
-    # bound: measured 0.07 s for the cache lookup here; the hub client's retries took 67 s before this check existed
+    # bound: measured 0.16-0.24 s (3 runs, load average 6 on 2 cores); the hub client's retries took 67 s before
     assert seconds < 10, seconds
 
 

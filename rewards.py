@@ -19,14 +19,20 @@ Rewards, their ranges and what they are for
 ======================  ======================  ======================================
 name                    range                   what it measures
 ======================  ======================  ======================================
-jpeg_compressibility    (-inf, 0], ~-20..-2     minus JPEG size in kB (DDPO toy task)
-jpeg_incompressibility  [0, inf),  ~2..20       plus JPEG size in kB (DDPO toy task)
+jpeg_compressibility    (-inf, 0], ~-0.04..0    minus JPEG size in kB / 500 (DDPO toy task)
+jpeg_incompressibility  [0, inf),  ~0..0.04     plus JPEG size in kB / 500 (DDPO toy task)
 ocr                     [0, 1]                  how well the rendered text matches
-pickscore               ~[-100, 100], ~18..24   human preference (PickScore_v1)
-clipscore               [-1, 1],   ~0.15..0.40  image-text cosine similarity (CLIP)
+pickscore               ~[-4, 4],  ~0.7..0.95   human preference (PickScore_v1) / 26
+clipscore               ~[-3, 3],  ~0.5..1.3    100 x image-text cosine (CLIP) / 30
 ======================  ======================  ======================================
 
 (The typical values are for 512x512 images; JPEG sizes grow with resolution.)
+
+Why the divisors: they are the reference implementation's (flow_grpo/rewards.py: JPEG -kB/500;
+pickscore_scorer.py: logit_scale*cos/26; clip_scorer.py: logits_per_image/30). A reward alone trains the
+same whatever its scale (GRPO normalises rewards by their std), but in a weighted sum such as
+"ocr=0.5,pickscore=0.5" the scales set the mix, so they must be the reference's for its weights to mean
+the same here. PickScore is usually quoted raw (~18..24): raw = 26 x ours.
 
 Building a reward from a string
 -------------------------------
@@ -75,6 +81,7 @@ __all__ = [
     "levenshtein",
     "normalize_text",
     "ocr",
+    "ocr_score",
     "ocr_target",
     "parse_spec",
     "pickscore",
@@ -126,21 +133,26 @@ def jpeg_size_kb(image: Image.Image, quality: int = JPEG_QUALITY) -> float:
     return buffer.tell() / 1000
 
 
+# Why 500: the reference's scale (-kB/500), so that weights in a weighted sum mean what they mean there.
+JPEG_KB_SCALE = 500
+
+
 def jpeg_compressibility(images, prompts, metadata) -> torch.Tensor:
-    """Minus the JPEG file size in kB (quality 95). RANGE: (-inf, 0].
+    """Minus the JPEG file size in kB (quality 95), divided by 500. RANGE: (-inf, 0].
 
     Smooth, flat images compress well and score high (close to 0); noisy,
-    detailed ones score low. A 512x512 image usually lands between -20 and -2.
-    Prompts and metadata are ignored.
+    detailed ones score low. A 512x512 image (2 to 20 kB) lands between -0.04
+    and -0.004. Prompts and metadata are ignored.
     """
-    return _as_scores([-jpeg_size_kb(im) for im in to_pil(images)])
+    return _as_scores([-jpeg_size_kb(im) / JPEG_KB_SCALE for im in to_pil(images)])
 
 
 def jpeg_incompressibility(images, prompts, metadata) -> torch.Tensor:
-    """The JPEG file size in kB (quality 95). RANGE: [0, inf).
+    """The JPEG file size in kB (quality 95), divided by 500. RANGE: [0, inf).
 
-    Exactly ``-jpeg_compressibility``: rewards detail and texture.
-    A 512x512 image usually lands between 2 and 20. Prompts and metadata are ignored.
+    Exactly ``-jpeg_compressibility``: rewards detail and texture. (The
+    reference registers only jpeg_compressibility for training; this is its
+    mirror image, on the same scale.) Prompts and metadata are ignored.
     """
     return -jpeg_compressibility(images, prompts, metadata)
 
@@ -160,7 +172,10 @@ def normalize_text(text: str) -> str:
     Why: the reward is about spelling the requested characters. Tesseract's
     case and spacing are unreliable (it splits or joins words depending on
     letter spacing in the image), and a misplaced space should not cost as
-    much as a wrong letter. The Flow-GRPO paper's code does the same.
+    much as a wrong letter. The reference (flow_grpo/ocr.py) lower-cases and
+    deletes the spaces ' '; we delete every whitespace character, because
+    Tesseract ends lines with a newline where PaddleOCR (the reference's OCR)
+    joins the pieces it read with nothing.
     """
     return "".join(text.lower().split())
 
@@ -219,13 +234,31 @@ def _tesseract():
     return pytesseract
 
 
-def ocr(images, prompts, metadata) -> torch.Tensor:
-    """Text-rendering accuracy, ``max(0, 1 - levenshtein(read, target) / len(target))``. RANGE: [0, 1].
+def ocr_score(read: str, target: str) -> float:
+    """The OCR reward of one image from the text read in it and the target, the reference's rule
+    (flow_grpo/ocr.py), on the normalised strings (:func:`normalize_text`):
 
-    ``read`` is what Tesseract reads in the image, ``target`` comes from
-    :func:`ocr_target`; both pass through :func:`normalize_text` first.
-    1 means the text was read back exactly; 0 means at least as many edits as
-    the target has characters (for instance, no text at all).
+        d = 0                                  if the target occurs anywhere in the read text
+        d = min(levenshtein(read, target), len(target))   otherwise
+        reward = 1 - d / len(target)           in [0, 1]
+
+    Why the substring rule: OCR also reads the other text of a scene (a sign that says "OPEN HOURS" for
+    the target "OPEN"); the image did render the target. Why the cap: unrelated extra characters should
+    not push the reward below "nothing readable" (0).
+    """
+    read, target = normalize_text(read), normalize_text(target)
+    if not target:
+        raise ValueError("the ocr target is empty after removing whitespace")
+    d = 0 if target in read else min(levenshtein(read, target), len(target))
+    return 1.0 - d / len(target)
+
+
+def ocr(images, prompts, metadata) -> torch.Tensor:
+    """Text-rendering accuracy, :func:`ocr_score` of what Tesseract reads in each image. RANGE: [0, 1].
+
+    ``target`` comes from :func:`ocr_target`. 1 means the target was read back
+    (alone or inside other text); 0 means at least as many edits as the
+    target has characters (for instance, no text at all).
     """
     metadata = metadata if metadata is not None else [{}] * len(prompts)
     # Resolve every target before running OCR, so a bad prompt fails fast.
@@ -234,10 +267,7 @@ def ocr(images, prompts, metadata) -> torch.Tensor:
         if not target:
             raise ValueError(f"the ocr target for prompt {prompt!r} is empty after removing whitespace")
     pytesseract = _tesseract()
-    scores = []
-    for image, target in zip(to_pil(images), targets):
-        read = normalize_text(pytesseract.image_to_string(image))
-        scores.append(max(0.0, 1.0 - levenshtein(read, target) / len(target)))
+    scores = [ocr_score(pytesseract.image_to_string(image), target) for image, target in zip(to_pil(images), targets)]
     return _as_scores(scores)
 
 
@@ -250,6 +280,9 @@ PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 # CLIP ViT-H/14, whose tokenizer and image preprocessing it reuses.
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIPSCORE_MODEL = "openai/clip-vit-large-patch14"
+# The reference's divisors (pickscore_scorer.py: scores/26; clip_scorer.py: logits_per_image/30).
+PICKSCORE_DIVISOR = 26.0
+CLIPSCORE_DIVISOR = 30.0
 
 
 def _looks_like_path(name: str) -> bool:
@@ -260,21 +293,21 @@ def _looks_like_path(name: str) -> bool:
 class ClipReward:
     """Scores images against their prompts with a CLIP model.
 
-    ``score = scale * cosine(image_embedding, text_embedding)`` where ``scale``
-    is the model's learned temperature ``logit_scale.exp()`` when
-    ``use_logit_scale`` is true (PickScore's definition) and 1 otherwise
-    (plain cosine similarity, in [-1, 1]).
+    ``score = logit_scale.exp() * cosine(image_embedding, text_embedding) / divisor``:
+    the model's own logit (its learned temperature, 100 for PickScore_v1 and
+    CLIP ViT-L/14, times the cosine), divided as the reference divides it
+    (26 for PickScore, 30 for the CLIP score).
 
     The model and processor are loaded on the first call, put in eval mode on
     ``device``, and run without gradients: rewards are a black box to GRPO.
     """
 
-    def __init__(self, model_id: str, processor_id: str | None = None, device="cpu", use_logit_scale=False):
+    def __init__(self, model_id: str, processor_id: str | None = None, device="cpu", divisor: float = 1.0):
         self.model_id = str(model_id)
         # Why the fallback: most CLIP checkpoints ship their own processor files.
         self.processor_id = str(processor_id) if processor_id is not None else self.model_id
         self.device = torch.device(device)
-        self.use_logit_scale = use_logit_scale
+        self.divisor = divisor
         self.model = None
         self.processor = None
 
@@ -331,8 +364,7 @@ class ClipReward:
             )
         )
         cosine = torch.nn.functional.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
-        scale = self.model.logit_scale.exp().float() if self.use_logit_scale else 1.0
-        return _as_scores(scale * cosine)
+        return _as_scores(self.model.logit_scale.exp().float() * cosine / self.divisor)
 
     def __repr__(self) -> str:
         return f"ClipReward(model_id={self.model_id!r}, processor_id={self.processor_id!r}, device='{self.device}')"
@@ -341,20 +373,22 @@ class ClipReward:
 def pickscore(device="cpu", model_id: str = PICKSCORE_MODEL, processor_id: str = PICKSCORE_PROCESSOR) -> ClipReward:
     """Build the PickScore reward: predicted human preference for the image given the prompt.
 
-    RANGE: ``logit_scale.exp() * cosine``, in [-100, 100] for PickScore_v1 (its
-    scale is 100), in practice about 18 to 24 for SD-class images; differences
-    of ~1 are meaningful. ``model_id``/``processor_id`` accept hub ids or local folders.
+    RANGE: ``logit_scale.exp() * cosine / 26`` (the reference's scale): the raw
+    PickScore (about 18 to 24 for SD-class images, differences of ~1 meaningful)
+    divided by 26, so about 0.7 to 0.95. ``model_id``/``processor_id`` accept hub
+    ids or local folders.
     """
-    return ClipReward(model_id, processor_id, device=device, use_logit_scale=True)
+    return ClipReward(model_id, processor_id, device=device, divisor=PICKSCORE_DIVISOR)
 
 
 def clipscore(device="cpu", model_id: str = CLIPSCORE_MODEL, processor_id: str | None = None) -> ClipReward:
     """Build the CLIP score reward: cosine similarity of CLIP image and prompt embeddings.
 
-    RANGE: [-1, 1]; for CLIP ViT-L/14 matching pairs typically score 0.25 to
-    0.40 and unrelated pairs 0.10 to 0.20. ``processor_id`` defaults to ``model_id``.
+    RANGE: ``logit_scale.exp() * cosine / 30`` (the reference's scale); for CLIP
+    ViT-L/14 (scale 100) matching pairs have cosines of 0.25 to 0.40 (score 0.8 to
+    1.3) and unrelated pairs 0.10 to 0.20. ``processor_id`` defaults to ``model_id``.
     """
-    return ClipReward(model_id, processor_id, device=device, use_logit_scale=False)
+    return ClipReward(model_id, processor_id, device=device, divisor=CLIPSCORE_DIVISOR)
 
 
 # --------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_jpeg_value_is_minus_kilobytes_of_pil_jpeg_at_quality_95():
     pixels = (noisy[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    expected = -len(buffer.getvalue()) / 1000
+    expected = -len(buffer.getvalue()) / 1000 / 500  # kB, on the reference's scale (-kB/500)
     assert rewards.jpeg_compressibility(noisy, [""], [{}]).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -126,6 +126,25 @@ def test_levenshtein_hand_worked_cases(a, b, distance):
 
 def test_normalize_text_lowercases_and_drops_whitespace():
     assert rewards.normalize_text("  Hello,\n  World ") == "hello,world"
+
+
+@pytest.mark.parametrize(
+    "read, target, reward",
+    [
+        ("OPEN", "open", 1.0),  # case does not count
+        ("op en", "OPEN", 1.0),  # nor spaces
+        ("openhours", "open", 1.0),  # the target inside other text: distance 0 (the reference's substring rule)
+        ("Sale: OPEN now", "open", 1.0),
+        ("opne", "open", 0.5),  # 2 edits (swap = 2 substitutions) of 4 letters
+        ("ope", "open", 0.75),  # 1 insertion of 4
+        ("", "open", 0.0),  # nothing read: 4 edits of 4
+        ("xyzxyzxyz", "open", 0.0),  # 9 edits, capped at len(target) = 4: not below 0
+        ("pizza", "pi", 1.0),  # substring again
+        ("qi", "pi", 0.5),
+    ],
+)
+def test_ocr_score_rule_on_constructed_strings(read, target, reward):
+    assert rewards.ocr_score(read, target) == pytest.approx(reward)
 
 
 def test_ocr_reads_rendered_word():
@@ -230,18 +249,18 @@ def test_pickscore_on_tiny_clip_matches_clip_logits(tiny_clip):
     scores = reward(images, prompts, metadata)
     assert_scores(scores, 3)
     expected, _ = reference_logits(tiny_clip, images, prompts)
-    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, expected / 26, rtol=1e-4, atol=1e-4)  # the reference's scale: logit / 26
     assert not reward.model.training
 
 
-def test_clipscore_on_tiny_clip_is_cosine(tiny_clip):
+def test_clipscore_on_tiny_clip_is_the_logit_over_30(tiny_clip):
     reward = rewards.clipscore(model_id=tiny_clip)
     images, prompts, metadata = clip_batch()
     scores = reward(images, prompts, metadata)
     assert_scores(scores, 3)
-    assert (scores.abs() <= 1).all()
     logits, scale = reference_logits(tiny_clip, images, prompts)
-    torch.testing.assert_close(scores, logits / scale, rtol=1e-4, atol=1e-4)
+    assert (scores.abs() <= scale / 30 + 1e-6).all()  # |cosine| <= 1
+    torch.testing.assert_close(scores, logits / 30, rtol=1e-4, atol=1e-4)  # the reference's scale: logit / 30
 
 
 def test_clip_reward_missing_folder_raises_clear_error(tmp_path):

@@ -771,13 +771,14 @@ def score(reward_fn: Callable, images: Tensor, texts: list[str], meta: list[dict
     if not hasattr(reward_fn, "components"):
         return check_rewards(reward_fn(images, texts, meta), n), {}
     parts = reward_fn.components(images, texts, meta)  # every reward model runs once
+    several = sum("/" not in k for k in parts) > 1
     logged = {}
     for k, v in parts.items():
         if "/" in k:  # a diagnostic: NaN allowed (not applicable), only its shape is checked
             v = torch.as_tensor(v, dtype=torch.float32).cpu()
             check_rewards(v.nan_to_num(0.0), n, f"reward '{k}'")
             logged[k] = v
-        elif len(parts) > 1:
+        elif several:
             logged[k] = check_rewards(v, n, f"reward '{k}'")
     return check_rewards(reward_fn.combine(parts), n), logged
 

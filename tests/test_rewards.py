@@ -6,7 +6,6 @@ and save to a temporary folder, and OCR reads text that PIL renders here.
 
 import io
 import os
-import string
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import rewards
+from tiny_models import save_tiny_clip
 
 # --------------------------------------------------------------------------
 # helpers
@@ -191,35 +191,7 @@ def test_ocr_missing_tesseract_says_how_to_install(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """Folder with a tiny random CLIPModel, tokenizer and image processor (save_pretrained format)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    try:  # transformers 5 without torchvision: the PIL-backed processor
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # transformers 4
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    # Character-level vocabulary: with no merges, BPE splits every word into
-    # characters, and the last character of a word carries the "</w>" marker.
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits:
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-
-    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, **layers
-        ),
-        vision_config=dict(image_size=32, patch_size=8, **layers),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 PROMPTS = ["a red cat", "two dogs on grass " * 20, "Hello, World! 42"]  # the second is longer than 77 tokens
@@ -284,6 +256,7 @@ def test_clip_reward_empty_folder_raises_runtime_error_with_cause(tmp_path):
 def test_registry_lists_all_rewards():
     assert sorted(rewards.REWARDS) == [
         "clipscore",
+        "geneval",
         "jpeg_compressibility",
         "jpeg_incompressibility",
         "ocr",

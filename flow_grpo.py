@@ -1183,12 +1183,12 @@ def train(
 def format_line(m: dict) -> str:
     """The fixed-format progress line, one per epoch."""
     line = (
-        f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.4f} ± {m['reward/std']:.4f}"
+        f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.5g} ± {m['reward/std']:.3g}"
         f" | kl_ref {m.get('policy/kl_ref', 0):.3e} | clipfrac {m.get('policy/clipfrac', 0):.3f}"
         f" | approx_kl {m.get('policy/approx_kl', 0):.2e} | ratio {m.get('policy/ratio', 1):.4f}"
     )
     if "eval/reward_mean" in m:
-        line += f" | eval {m['eval/reward_mean']:+.4f}"
+        line += f" | eval {m['eval/reward_mean']:+.5g}"
     return line + f" | {m['time/epoch_s']:.1f}s"
 
 

@@ -145,6 +145,7 @@ class Config:
     mixed_precision: str = "bf16"  # "bf16", "fp16" or "no": dtype of the frozen weights on a GPU (CPU: float32)
     gradient_checkpointing: bool = False  # trade compute for activation memory in the transformer
     text_encoders_on_cpu: bool = False  # keep CLIP-L, CLIP-G and T5-XXL on the CPU (saves ~11 GB of GPU memory)
+    reward_models: str = ""  # where reward models live: "geneval.detector_id=/m/m2f,pickscore.model_id=/m/ps"
     max_sequence_length: int = 128  # T5 tokens per prompt (the reference's 128; diffusers' default is 256)
 
     def resolved_beta(self) -> float:
@@ -1240,7 +1241,7 @@ KEEP_CHECKPOINTS = 2
 # one's name, so --resume refuses it and lists the differences.
 CHANGEABLE_ON_RESUME = (
     "lr", "adam_beta1", "adam_beta2", "weight_decay", "adam_eps", "max_grad_norm",
-    "epochs", "eval_every", "save_every", "gradient_checkpointing", "text_encoders_on_cpu",
+    "epochs", "eval_every", "save_every", "gradient_checkpointing", "text_encoders_on_cpu", "reward_models",
 )  # fmt: skip
 
 
@@ -1643,7 +1644,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prompts, eval_prompts = load_prompts(cfg.prompts), eval_prompt_set(cfg)
         device, dtype = pick_device(cfg)
         device = dist_device or device
-        reward_fn = rewards.build_reward(cfg.reward, device=device)
+        reward_fn = rewards.build_reward(cfg.reward, device=device, **rewards.parse_model_options(cfg.reward_models))
         check_reward(reward_fn, cfg, prompts + eval_prompts)  # reward models load and answer; prompts suit them
         torch.manual_seed(cfg.seed)  # LoRA init
         model = SD3Model(load_pipeline(cfg.model, dtype), cfg, device, dtype)

@@ -101,6 +101,7 @@ __all__ = [
     "ocr",
     "ocr_score",
     "ocr_target",
+    "parse_model_options",
     "parse_spec",
     "pickscore",
     "relative_position",
@@ -1077,6 +1078,22 @@ class WeightedReward:
 
     def __repr__(self) -> str:
         return "WeightedReward(" + ", ".join(f"{n}={w:g}" for n, w in self.weights.items()) + ")"
+
+
+def parse_model_options(text: str) -> dict[str, dict[str, str]]:
+    """The trainer's ``--reward_models`` string, ``"reward.option=value,..."``, as :func:`build_reward`'s
+    overrides: ``"geneval.detector_id=/m/m2f,pickscore.model_id=/m/ps"`` ->
+    ``{"geneval": {"detector_id": "/m/m2f"}, "pickscore": {"model_id": "/m/ps"}}`` (local folders or hub ids)."""
+    options: dict[str, dict[str, str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        name, dot, option = key.strip().partition(".")
+        if not (sep and dot and name and option and value.strip()):
+            raise ValueError(
+                f"bad --reward_models entry {item!r}: write reward.option=value, e.g. geneval.detector_id=/models/m2f"
+            )
+        options.setdefault(name, {})[option.strip()] = value.strip()
+    return options
 
 
 def build_reward(spec: str, device="cpu", **overrides) -> WeightedReward:

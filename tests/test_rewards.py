@@ -372,3 +372,16 @@ def test_general_prompt_set_is_nonempty_lines():
     with open(os.path.join(PROMPTS_DIR, "general.txt")) as f:
         lines = f.read().splitlines()
     assert len(lines) >= 50 and all(line.strip() for line in lines)
+
+
+def test_reward_model_options_from_the_command_line():
+    assert rewards.parse_model_options("") == {}
+    assert rewards.parse_model_options("geneval.detector_id=/m/m2f, geneval.clip_model_id=openai/clip,pickscore.model_id=/ps") == {
+        "geneval": {"detector_id": "/m/m2f", "clip_model_id": "openai/clip"},
+        "pickscore": {"model_id": "/ps"},
+    }
+    for bad in ("geneval=/m", "geneval.detector_id", ".detector_id=/m", "geneval.=/m", "geneval.detector_id= "):
+        with pytest.raises(ValueError, match="reward.option=value"):
+            rewards.parse_model_options(bad)
+    with pytest.raises(ValueError, match="bad override for reward 'pickscore'"):  # an option the factory lacks
+        rewards.build_reward("pickscore", **rewards.parse_model_options("pickscore.detector_id=/m"))

@@ -28,12 +28,13 @@ Reading order (each section is a numbered banner below):
     7. The model interface the training loop talks to
     8. Many processes (torchrun): who samples what, how rewards are shared
     9. The training loop, shared by the toy and SD3.5-M
-   10. Checkpoints: atomic, safetensors only, resumable
+   10. Checkpoints: atomic, safetensors only, checked, resumable (what a resumed run may change)
    11. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
-   12. Prompts, evaluation grid, command line
+   12. Prompts and the held-out evaluation set, checks before the model loads, command line
 
-Importing this file is cheap: torch only. diffusers, transformers, peft and the rewards are imported inside the
-functions that need them, so the toy and the tests of the math never pay for them.
+Importing this file is cheap: torch only (and runfiles.py, the checked file plumbing: standard library). diffusers,
+transformers, peft and the rewards are imported inside the functions that need them, so the toy and the tests of
+the math never pay for them.
 """
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,6 +72,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+# the files a run reads and writes, checked (plumbing kept out of this file; standard library only)
+from runfiles import (
+    PROMPT_SETS, CheckpointError, atomic_write_text, claim_metrics, file_manifest, lock_out_folder,
+    newest_intact_checkpoint, prompt_file, read_checkpoint, read_prompts, save_grid,
+)  # fmt: skip
+
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -90,7 +97,7 @@ class Config:
     # --- what to train ---
     model: str = "sd3.5-medium"  # "sd3.5-medium", "tiny-random", a hub id or a local diffusers folder
     reward: str = "pickscore"  # a name from rewards.py, or a weighted sum "ocr=0.5,pickscore=0.5"
-    prompts: str = "general"  # a shipped set (general, ocr, geneval) or a .txt / .jsonl file
+    prompts: str = "general"  # a shipped set (general, ocr, geneval), a folder like the reference's dataset/ocr, a file
     out: str = "runs/flow_grpo"  # run folder: metrics.jsonl, eval grids, checkpoints
     seed: int = 42  # seeds prompts, noise and LoRA init
     # --- sampling (paper: 10 steps to train, 40 to evaluate, CFG 4.5, a = 0.7) ---
@@ -109,6 +116,7 @@ class Config:
     adv_clip: float = 5.0  # advantages are clipped to ±adv_clip
     clip_range: float = 1e-4  # PPO ε (small because the log-prob is averaged over latent elements)
     beta: Optional[float] = None  # KL weight; None: 0.01 for pickscore, 0.04 otherwise (paper)
+    kl: str = "reference"  # "reference": the reference code's KL (= |dt| x exact, what β was tuned on); "exact"
     timestep_fraction: float = 0.99  # train on the first int(T·fraction) steps (9 of 10: the last is too sharp)
     log_prob_reduce: str = "mean"  # "mean" (reference) or "sum" over latent elements; see sde_step
     sde_type: str = "sde"  # "sde" (paper) or "cps" (coefficients-preserving sampling, later in the reference repo)
@@ -125,18 +133,20 @@ class Config:
     lora_rank: int = 32  # LoRA r
     lora_alpha: int = 64  # LoRA α (scale α/r = 2)
     ema: bool = True  # keep an EMA of the LoRA weights, used for evaluation and saved beside them
-    ema_decay: float = 0.9  # EMA decay
-    ema_every: int = 8  # EMA update every this many optimiser steps
+    ema_decay: float = 0.9  # EMA decay, reached after a warm-up: min((1 + s)/(10 + s), ema_decay) at step s
+    ema_every: int = 8  # EMA update after optimiser steps s with (s + 1) % ema_every == 0
     # --- run ---
     epochs: int = 100  # sampling + training rounds
     eval_every: int = 10  # evaluate (ODE, eval_num_steps) every this many epochs; 0 = never
-    eval_prompts: int = 8  # prompts in an evaluation grid
+    eval_prompts: str = ""  # held-out prompts: a file, or a set/folder (its test split); "" = test split of --prompts
+    eval_count: int = 16  # evaluate on at most this many of them (a fixed seeded draw); 0 = all
     save_every: int = 10  # checkpoint every this many epochs (and at the end); 0 = only at the end
-    resume: bool = False  # continue from the latest checkpoint in --out
+    resume: str = ""  # --resume: continue from the latest checkpoint in --out; --resume PATH: from that checkpoint
     mixed_precision: str = "bf16"  # "bf16", "fp16" or "no": dtype of the frozen weights on a GPU (CPU: float32)
     gradient_checkpointing: bool = False  # trade compute for activation memory in the transformer
     text_encoders_on_cpu: bool = False  # keep CLIP-L, CLIP-G and T5-XXL on the CPU (saves ~11 GB of GPU memory)
-    max_sequence_length: int = 256  # T5 tokens per prompt (diffusers' SD3 default)
+    reward_models: str = ""  # where reward models live: "geneval.detector_id=/m/m2f,pickscore.model_id=/m/ps"
+    max_sequence_length: int = 128  # T5 tokens per prompt (the reference's 128; diffusers' default is 256)
     cpu: bool = False  # run on the CPU (float32) even where a GPU exists; under torchrun every process, with gloo
     dist_timeout_s: float = 600.0  # torchrun: a rank that does not answer for this long ends the run (not a hang)
 
@@ -237,7 +247,9 @@ def sde_step(
     x, v = x.float(), v.float()
     t, t_next = _per_sample(t, x), _per_sample(t_next, x)
     dt = t_next - t  # < 0: we integrate from noise (t = 1) to data (t = 0)
-    if torch.any(dt >= 0):
+    # checked here only where it is free: on a GPU, reading dt back would stall the hot loop once per step (the
+    # loop checks its schedule once, in rollout)
+    if dt.device.type == "cpu" and torch.any(dt >= 0):
         raise ValueError("t_next must be smaller than t: sampling runs from t = 1 (noise) to t = 0 (data)")
 
     nan = torch.full(x.shape[:1], float("nan"), device=x.device)  # (B,) the "log-prob" of a deterministic step
@@ -349,6 +361,8 @@ def rollout(
     levels = [float(noise_level)] * T if isinstance(noise_level, (int, float)) else [float(a) for a in noise_level]
     if len(levels) != T:
         raise ValueError(f"need one noise level per step ({T}), got {len(levels)}")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):  # once per rollout, not once per step
+        raise ValueError(f"the schedule must decrease from t = 1 (noise) to t = 0 (data), got {sigmas.tolist()}")
     x = x1.float()
     latents, log_probs = [x], []
     for j in range(T):
@@ -424,17 +438,29 @@ def group_advantages(
 #     L_clip = mean( max( −A·r, −A·clip(r, 1 − ε, 1 + ε) ) )                    (PPO, minimised)
 #     L = L_clip + β·KL( π_θ(·|x) ‖ π_ref(·|x) )
 #
-# Both policies of one step are Gaussians with the SAME std (the std depends only on t and a), so their KL has a
-# closed form with only the mean difference left:
+# Both policies of one step are Gaussians with the SAME std s (it depends only on t and a), so their KL has a
+# closed form in which only the mean difference is left (per latent element, then averaged over elements, like
+# the log-prob; the summed KL is C·H·W times larger):
 #
-#     KL( N(μ_θ, s²I) ‖ N(μ_ref, s²I) ) = ‖μ_θ − μ_ref‖² / (2 s²)
+#     exact:      KL = (μ_θ − μ_ref)² / (2 s²),        s = σ_t·√(−dt)  (SDE)   or   s = t'·sin(a·π/2)  (CPS)
 #
-# Which KL this is, exactly: the per-step KL between the two transition Gaussians at the state x the sample
-# visited, with s = std = σ_t·√(−dt) of that step, AVERAGED over latent elements (consistent with the averaged
-# log-prob; the summed KL is C·H·W times larger) and over the batch. This is what the reference code computes.
-# Writing μ_θ − μ_ref = (v_θ − v_ref)·(1 + σ_t²(1 − t)/(2t))·dt shows that it is ∝ |dt|·‖v_θ − v_ref‖²/σ_t²; the
-# paper's derivation keeps a dt factor in front that the reference drops (users asked about it upstream). Since
-# dt is fixed per step, that only rescales β per timestep.
+# With μ_θ − μ_ref = (v_θ − v_ref)·(1 + σ_t²(1 − t)/(2t))·dt this is the paper's closed form
+#     KL = (|dt|/2)·(1/σ_t + σ_t(1 − t)/(2t))²·(v_θ − v_ref)².
+# The reference code does not compute that. Its sde_step_with_logprob returns std_dev_t = σ_t WITHOUT the √(−dt)
+# (train_sd3.py then divides by 2·std_dev_t²), so for the SDE it penalises
+#
+#     reference:  KL_ref = (μ_θ − μ_ref)² / (2 σ_t²)  =  |dt| · exact            (3.7x to 25x smaller per step on
+#                                                                                 the 10-step SD3 schedule)
+# and the paper's β values (0.04 OCR/GenEval, 0.01 PickScore) were tuned on that form, so it is our default
+# (--kl reference). For CPS its std_dev_t IS the step's std, so there both forms are the exact KL. --kl exact
+# gives the exact per-step KL; a run with it needs a β about |dt| times smaller for the same pull.
+#
+# Samples whose advantage is exactly 0 (every image of the group scored the same) teach the policy term nothing
+# and would still be pulled by the KL; the reference drops them before training. Here they get weight 0 (`mask`),
+# which keeps the batch shapes of sampling (and so the first ratio exactly 1), and the loss is the mean over
+# the samples that are kept.
+
+KL_FORMS = ("reference", "exact")
 
 
 def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
@@ -445,19 +471,32 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
     return (((mean - ref_mean) ** 2) / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim)))
 
 
+def step_kl(
+    mean: Tensor, ref_mean: Tensor, std: Tensor, t: float | Tensor, t_next: float | Tensor, form: str = "reference",
+    sde_type: str = "sde",
+) -> Tensor:
+    """The penalised KL of one step per sample (B,): `form` "exact" or "reference" (= |dt|·exact for the SDE)."""
+    if form not in KL_FORMS:
+        raise ValueError(f"kl form must be one of {KL_FORMS}, got {form!r}")
+    kl = gaussian_kl(mean, ref_mean, std)  # exact
+    if form == "reference" and sde_type == "sde":
+        kl = kl * (t - t_next)  # (μ_θ − μ_ref)²/(2σ_t²) = |dt|·(μ_θ − μ_ref)²/(2σ_t²|dt|)
+    return kl
+
+
 def grpo_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
     advantages: Tensor,
     clip_range: float,
-    mean: Optional[Tensor] = None,
-    ref_mean: Optional[Tensor] = None,
-    std: Optional[Tensor] = None,
+    kl: Optional[Tensor] = None,
     beta: float = 0.0,
-) -> tuple[Tensor, dict[str, float]]:
-    """The Flow-GRPO loss of one step for a batch. log_prob, old_log_prob, advantages: (B,). mean, ref_mean:
-    (B, *D) means of the current and reference step Gaussians; std: their shared std. Returns (loss, info) with
-    info = {ratio, clipfrac, approx_kl, kl_ref, policy_loss} as python floats (detached)."""
+    mask: Optional[Tensor] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The Flow-GRPO loss of one step for a batch. log_prob, old_log_prob, advantages, kl (the per-sample KL to the
+    reference, step_kl) and mask (True = train on this sample): (B,). The loss is the mean over the masked-in
+    samples. Returns (loss, info) with info = {ratio, clipfrac, approx_kl, kl_ref, policy_loss} as detached 0-dim
+    tensors, means over the same samples; they stay on the device (reading one is a host-device sync)."""
     if not (log_prob.shape == old_log_prob.shape == advantages.shape) or log_prob.ndim != 1:
         raise ValueError(
             "log_prob, old_log_prob and advantages must all have shape (B,), got "
@@ -465,30 +504,30 @@ def grpo_loss(
         )
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    # r = exp(logp_new − logp_old)                                                        (B,)
+    if beta != 0 and kl is None:
+        raise ValueError("beta > 0 needs the per-sample KL (step_kl)")
+    # weights w_i: 1/(number kept) for the samples trained on, 0 for the others                            (B,)
+    keep = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
+    w = keep / keep.sum().clamp(min=1)
+    # r = exp(logp_new − logp_old)                                                                          (B,)
     ratio = torch.exp(log_prob - old_log_prob)
     # max(−A·r, −A·clip(r, 1 − ε, 1 + ε)): the pessimistic bound; no gradient once r has left [1 − ε, 1 + ε]
     # in the direction the advantage pushes it
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    policy_loss = torch.maximum(unclipped, clipped).mean()
-
-    kl_ref = torch.zeros((), device=log_prob.device)
-    if beta != 0 or ref_mean is not None:
-        if mean is None or ref_mean is None or std is None:
-            raise ValueError("the KL term needs mean, ref_mean and std")
-        kl_ref = gaussian_kl(mean, ref_mean, std).mean()  # averaged over elements, then over the batch
+    policy_loss = (w * torch.maximum(unclipped, clipped)).sum()
+    kl_ref = (w * kl).sum() if kl is not None else torch.zeros((), device=log_prob.device)
     loss = policy_loss + beta * kl_ref
 
     with torch.no_grad():
         info = {
-            "ratio": ratio.mean().item(),
+            "ratio": (w * ratio).sum(),
             # fraction of samples whose ratio left the trust region
-            "clipfrac": (torch.abs(ratio - 1) > clip_range).float().mean().item(),
+            "clipfrac": (w * (torch.abs(ratio - 1) > clip_range).float()).sum(),
             # ½·E[(log r)²]: a low-variance estimate of KL(π_old ‖ π_θ) (http://joschu.net/blog/kl-approx.html)
-            "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
-            "kl_ref": kl_ref.item(),
-            "policy_loss": policy_loss.item(),
+            "approx_kl": (w * 0.5 * (log_prob - old_log_prob) ** 2).sum(),
+            "kl_ref": kl_ref.detach(),
+            "policy_loss": policy_loss.detach(),
         }
     return loss, info
 
@@ -528,9 +567,23 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
     world = dist_rank_world()[1] if world_size is None else world_size
     if cfg.group_size < 2:
         raise ValueError(f"--group_size must be >= 2: GRPO compares samples within a group (got {cfg.group_size})")
-    for name in ("groups_per_epoch", "batch_size", "optimizer_steps_per_epoch", "inner_epochs", "num_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    def need(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"--{name} must be {rule}, got {getattr(cfg, name)}")
+
+    for f in dataclasses.fields(cfg):  # a NaN flag would pass every comparison below (they are all False)
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f.name, "a finite number")
+    for name in ("groups_per_epoch", "batch_size", "optimizer_steps_per_epoch", "inner_epochs", "num_steps", "epochs",
+                 "eval_num_steps", "resolution", "lora_rank", "ema_every", "max_sequence_length"):  # fmt: skip
+        need(getattr(cfg, name) >= 1, name, ">= 1")
+    for name in ("eval_every", "save_every", "eval_count", "fast_window", "lr", "weight_decay"):
+        need(getattr(cfg, name) >= 0, name, ">= 0")
+    for name in ("clip_range", "adv_clip", "max_grad_norm", "lora_alpha", "adam_eps"):
+        need(getattr(cfg, name) > 0, name, "> 0")
+    for name in ("ema_decay", "adam_beta1", "adam_beta2"):
+        need(0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
+    need(cfg.beta is None or cfg.beta >= 0, "beta", ">= 0")
     if cfg.noise_level <= 0:
         raise ValueError(f"--noise_level must be > 0 to train (a = 0 is the deterministic ODE), got {cfg.noise_level}")
     n = cfg.groups_per_epoch * cfg.group_size
@@ -579,6 +632,8 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
         raise ValueError(f"--mixed_precision must be bf16, fp16 or no, got {cfg.mixed_precision!r}")
     if cfg.log_prob_reduce not in ("mean", "sum"):
         raise ValueError(f"--log_prob_reduce must be mean or sum, got {cfg.log_prob_reduce!r}")
+    if cfg.kl not in KL_FORMS:
+        raise ValueError(f"--kl must be one of {', '.join(KL_FORMS)}, got {cfg.kl!r}")
     ref_factor = 2 if cfg.resolved_beta() > 0 else 1  # the reference forward for the KL
     forwards = batches * cfg.num_steps + cfg.inner_epochs * batches * n_train * ref_factor  # sampling + training
     return BatchPlan(
@@ -728,6 +783,10 @@ class RewardError(RuntimeError):
     """The reward function returned something that must not be trained on."""
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, gradient or sample: stop before it reaches the weights."""
+
+
 def check_rewards(rewards: Tensor, n: int, name: str = "reward") -> Tensor:
     """Stop before any update if a reward is NaN/inf or of the wrong shape (training on it would be garbage)."""
     if not torch.is_tensor(rewards) or rewards.shape != (n,):
@@ -740,18 +799,30 @@ def check_rewards(rewards: Tensor, n: int, name: str = "reward") -> Tensor:
 
 
 def score(reward_fn: Callable, images: Tensor, texts: list[str], meta: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Rewards (n,) and, for a weighted sum (rewards.WeightedReward), its components {name: (n,)}; all checked."""
+    """Rewards (n,), checked, and what to log beside them {key: (n,)}: for a weighted sum (rewards.WeightedReward)
+    each of its rewards (checked too), and the diagnostics a reward adds under "name/key" (NaN where one does not
+    apply to a sample, e.g. GenEval's accuracy per prompt tag; logged as the mean over the others)."""
     n = len(texts)
-    if hasattr(reward_fn, "components"):  # weighted sum: run each reward model once, log the parts, combine
-        parts = {k: check_rewards(v, n, f"reward '{k}'") for k, v in reward_fn.components(images, texts, meta).items()}
-        return check_rewards(reward_fn.combine(parts), n), (parts if len(parts) > 1 else {})
-    return check_rewards(reward_fn(images, texts, meta), n), {}
+    if not hasattr(reward_fn, "components"):
+        return check_rewards(reward_fn(images, texts, meta), n), {}
+    parts = reward_fn.components(images, texts, meta)  # every reward model runs once
+    several = sum("/" not in k for k in parts) > 1
+    logged = {}
+    for k, v in parts.items():
+        if "/" in k:  # a diagnostic: NaN allowed (not applicable), only its shape is checked
+            v = torch.as_tensor(v, dtype=torch.float32).cpu()
+            check_rewards(v.nan_to_num(0.0), n, f"reward '{k}'")
+            logged[k] = v
+        elif several:
+            logged[k] = check_rewards(v, n, f"reward '{k}'")
+    return check_rewards(reward_fn.combine(parts), n), logged
 
 
 @dataclass
 class Prompt:
     text: str
     metadata: dict = field(default_factory=dict)
+    source: str = ""  # "file:line" it was read from, for error messages
 
 
 @dataclass
@@ -769,22 +840,39 @@ class Samples:
     reward_seconds: float  # time spent decoding and scoring (part of the sampling phase)
     reward_parts: dict[str, Tensor]  # name -> (N,) for a weighted-sum reward
     advantages: Tensor  # (n,)
+    kept_per_batch: Tensor  # (N/b,) how many samples of each batch m have advantage ≠ 0 (all processes' batches)
     cond: dict[str, Tensor]  # the epoch's prompt conditioning, one row per prompt (B, ...)
     sample_ids: Tensor  # (n,) the global ids (0..N−1) of this process's rows
     batches: list[int]  # the batches m (of N/b) this process sampled, in row order
 
 
 class EMA:
-    """Exponential moving average of the trainable weights: w_ema ← d·w_ema + (1 − d)·w."""
+    """Exponential moving average of the trainable weights, with a warm-up of its decay (the reference's ema.py):
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
+        after optimiser step s (s = steps taken so far), if (s + 1) % every == 0:
+            d = min((1 + s)/(10 + s), decay)                 (8/17 ≈ 0.47 at s = 7, reaching 0.9 from s = 80)
+            w_ema ← d·w_ema + (1 − d)·w
+
+    The warm-up lets the EMA forget the initial weights quickly instead of keeping 90% of them per update.
+    The reference calls its EMA step once per training BATCH with the optimiser-step count, so with A batches per
+    optimiser step it applies the same update A times to unchanged weights: an effective decay d^A that depends
+    on how many batches each GPU holds. We apply it once per optimiser step, the decay the schedule states."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
+        self.params, self.decay, self.every = params, decay, every
         self.shadow = [p.detach().clone().float() for p in params]
 
+    def decay_at(self, step: int) -> float:
+        return min((1 + step) / (10 + step), self.decay)
+
     @torch.no_grad()
-    def update(self) -> None:
+    def step(self, step: int) -> None:
+        """Called after every optimiser step with the number of steps taken so far."""
+        if (step + 1) % self.every:
+            return
+        d = self.decay_at(step)
         for s, p in zip(self.shadow, self.params):
-            s.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+            s.mul_(d).add_(p.detach().float(), alpha=1 - d)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -861,6 +949,10 @@ def sample_epoch(
         traj = rollout(
             lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, levels, noise, cfg.log_prob_reduce, cfg.sde_type
         )
+        # a NaN image can still get a finite reward (a JPEG size): never score or train on a diverged model's samples
+        # (no extra stall: the reward reads the images on the host right after)
+        if not bool(torch.isfinite(traj.latents[:, -1]).all()):
+            raise DivergenceError("the sampled latents hold NaN/inf: the model diverged; --resume from an earlier checkpoint")
         t_reward = time.time()
         images = model.decode(traj.latents[:, -1])
         texts, meta = [prompts[i].text for i in idx], [prompts[i].metadata for i in idx]
@@ -887,10 +979,14 @@ def sample_epoch(
         reward_seconds=reward_seconds,
         reward_parts=all_parts,
         advantages=advantages[my_ids],  # (n,)
+        kept_per_batch=(advantages[order].reshape(N // b, b) != 0).sum(dim=1),  # (N/b,)
         cond=cond,
         sample_ids=my_ids,
         batches=my_batches,
     )
+
+
+TRAIN_INFO = ("ratio", "clipfrac", "approx_kl", "kl_ref", "policy_loss")  # grpo_loss's diagnostics, in this order
 
 
 def train_epoch(
@@ -908,85 +1004,102 @@ def train_epoch(
     batch it was sampled in, so the first ratio is exactly 1 even for a network whose output depends on the batch
     (the reference's FAQ warns about that for SD3). Optimiser step k accumulates the gradients of batches
     [k·A, (k+1)·A) (A = plan.accumulation); with R processes each does its A/R of them and DDP averages.
+
+    Samples with advantage exactly 0 get weight 0 (section 5). Every kept (sample, step) term of an optimiser step
+    weighs the same, as if the others had been dropped: batch m's loss (a mean over its k_m kept samples) is
+    scaled by R·k_m / (K·S), K the kept samples of the step's batches on all processes, S the trained steps (R:
+    DDP averages over processes). A step with K = 0 is not taken.
+    The diagnostics stay on the device; they and the divergence check are read once per optimiser step.
     Returns the epoch's mean diagnostics (averaged over processes)."""
     rank, world = dist_rank_world()
     params = model.trainable_parameters()
     beta = cfg.resolved_beta()
-    b, acc = cfg.batch_size, plan.accumulation
+    b, acc, S = cfg.batch_size, plan.accumulation, len(s.trained_steps)
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)  # disabled: every call is a pass-through
     device = s.latents.device
     ddp = getattr(model, "net", None) if world > 1 else None
     row_of = {m: i * b for i, m in enumerate(s.batches)}  # batch m → its first row in this process's tensors
-    totals: dict[str, float] = {}
-    count = 0
+    advantages, prompt_index = s.advantages.to(device), s.prompt_index.to(device)  # (n,), moved once
+    sums = torch.zeros(len(TRAIN_INFO) + 1, dtype=torch.float64, device=device)  # Σ k_m·info per term, Σ k_m
+    grad_norms = []
     from tqdm import tqdm
 
-    rounds = [[m for m in range(k * acc, (k + 1) * acc) if m in row_of] for k in range(cfg.optimizer_steps_per_epoch)]
     for _ in range(cfg.inner_epochs):
-        for round_batches in tqdm(rounds, desc="training", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
-            for i, m in enumerate(round_batches):
-                rows = torch.arange(row_of[m], row_of[m] + b)  # (b,)
-                cond_b = select(s.cond, s.prompt_index[rows])
-                adv = s.advantages[rows].to(device)  # (b,) the same advantage at every step of a trajectory
+        for k in tqdm(range(cfg.optimizer_steps_per_epoch), desc="training", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+            kept = int(s.kept_per_batch[k * acc : (k + 1) * acc].sum())  # K, over every process's batches
+            if kept == 0:  # every sample of this step has advantage 0: nothing to learn (every process agrees)
+                continue
+            mine = [m for m in range(k * acc, (k + 1) * acc) if m in row_of]
+            loss_sum = torch.zeros((), device=device)
+            for i, m in enumerate(mine):
+                rows = slice(row_of[m], row_of[m] + b)  # a view, no copy
+                cond_b = select(s.cond, prompt_index[rows])
+                adv = advantages[rows]  # (b,) the same advantage at every step of a trajectory
+                k_m = int(s.kept_per_batch[m])
                 for jj, j in enumerate(s.trained_steps):
-                    # DDP all-reduces gradients on a backward; only the round's last one needs to (no_sync)
-                    last = i == len(round_batches) - 1 and jj == len(s.trained_steps) - 1
+                    # DDP all-reduces gradients on a backward; only the step's last one needs to (no_sync)
+                    last = i == len(mine) - 1 and jj == S - 1
                     with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                        scale = 1 / (len(round_batches) * len(s.trained_steps))
-                        info = train_step(cfg, model, s, rows, j, cond_b, adv, beta, scale, scaler)
-                    for key, val in info.items():
-                        totals[key] = totals.get(key, 0.0) + val
-                    count += 1
+                        loss, info = train_step(cfg, model, s, rows, j, cond_b, adv, beta)
+                        scaler.scale(loss * (world * k_m / (kept * S))).backward()
+                    loss_sum = loss_sum + loss.detach() * k_m
+                    sums += torch.stack([info[key] for key in TRAIN_INFO] + [loss.new_ones(())]).to(sums) * k_m
             scaler.unscale_(optimizer)  # fp16 only: undo the loss scale before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() * len(round_batches) * len(s.trained_steps)
+            # the one host-device sync of an optimiser step: stop before a non-finite update reaches the weights
+            # (under fp16 an overflowing gradient is expected now and then: the scaler skips that step itself)
+            loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
+            if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(norm_value)):
+                raise DivergenceError(
+                    f"optimiser step {k + 1} of this epoch: loss {loss_value}, gradient norm {norm_value}; no update "
+                    f"was applied. Lower --lr (now {cfg.lr:g}) and --resume from the last checkpoint"
+                )
+            grad_norms.append(norm_value)
             scaler.step(optimizer)  # = optimizer.step(), skipped by fp16's scaler if a gradient overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             on_optimizer_step()
-    stats = torch.tensor([totals[k] for k in sorted(totals)] + [count], dtype=torch.float64)
+    stats = torch.cat([sums.cpu(), torch.tensor([sum(grad_norms), len(grad_norms)], dtype=torch.float64)])
     if world > 1:  # every process logs the same numbers: the means over all processes' batches
         stats = all_reduce_sum(stats, device)
-    return {k: (stats[i] / stats[-1]).item() for i, k in enumerate(sorted(totals))}
+        stats[-2:] /= world  # every process saw the same gradient norms
+    out = {key: (stats[i] / stats[len(TRAIN_INFO)]).item() if stats[len(TRAIN_INFO)] > 0 else 0.0 for i, key in enumerate(TRAIN_INFO)}
+    out["grad_norm"] = (stats[-2] / stats[-1]).item() if stats[-1] > 0 else 0.0
+    return out
 
 
 def train_step(
-    cfg: Config, model: FlowModel, s: Samples, rows: Tensor, j: int, cond_b: dict, adv: Tensor, beta: float,
-    scale: float, scaler: torch.amp.GradScaler,
-) -> dict[str, float]:
-    """Loss and backward of denoising step j for the trajectories `rows`; the gradient is scaled by `scale`
-    (1 / the number of (batch, step) terms accumulated into one optimiser step)."""
-    device = s.latents.device
+    cfg: Config, model: FlowModel, s: Samples, rows: slice, j: int, cond_b: dict, adv: Tensor, beta: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of denoising step j for the trajectories `rows` (a mean over those with advantage ≠ 0)."""
     x_j = s.latents[rows, j]  # (b, *D)
     x_next = s.latents[rows, j + 1]  # (b, *D) the action that was taken
-    t = s.sigmas[j].expand(len(rows))  # (b,)
+    t, t_next = s.sigmas[j], s.sigmas[j + 1]
     a = float(s.noise_levels[j])
     ref_mean = None
     if beta > 0:
         # reference policy: the same network with the trainable delta switched off
         with torch.no_grad(), model.reference():
-            v_ref = model.velocity(x_j, t, cond_b)
-        _, _, ref_mean, _ = sde_step(x_j, v_ref, s.sigmas[j], s.sigmas[j + 1], a, x_next, sde_type=cfg.sde_type)
-    v = model.velocity(x_j, t, cond_b)
+            v_ref = model.velocity(x_j, t.expand(len(adv)), cond_b)
+        _, _, ref_mean, _ = sde_step(x_j, v_ref, t, t_next, a, x_next, sde_type=cfg.sde_type)
+    v = model.velocity(x_j, t.expand(len(adv)), cond_b)
     # log π_θ(x_{j+1} | x_j) under the current weights
-    _, log_prob, mean, std = sde_step(
-        x_j, v, s.sigmas[j], s.sigmas[j + 1], a, x_next, reduce=cfg.log_prob_reduce, sde_type=cfg.sde_type
-    )
-    loss, info = grpo_loss(log_prob, s.log_probs[rows, j].to(device), adv, cfg.clip_range, mean, ref_mean, std, beta)
-    # fp16 only: dL/dv is ~1e-8 (a log-prob averaged over 65 536 elements), below fp16's smallest normal number;
-    # the scaler multiplies the loss before backward and divides the gradients before the optimiser step
-    scaler.scale(loss * scale).backward()
-    return info
+    _, log_prob, mean, std = sde_step(x_j, v, t, t_next, a, x_next, reduce=cfg.log_prob_reduce, sde_type=cfg.sde_type)
+    kl = None if ref_mean is None else step_kl(mean, ref_mean, std, t, t_next, cfg.kl, cfg.sde_type)  # (b,)
+    # fp16 only (the caller scales the loss): dL/dv is ~1e-8 (a log-prob averaged over 65 536 elements), below
+    # fp16's smallest normal number, so the scaler multiplies the loss before backward
+    return grpo_loss(log_prob, s.log_probs[rows, j], adv, cfg.clip_range, kl, beta, mask=adv != 0)
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[Prompt], device) -> tuple[Tensor, Tensor]:
+def evaluate(cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[Prompt], device) -> tuple[Tensor, Tensor, dict]:
     """Deterministic evaluation: one ODE sample (a = 0) per prompt with eval_num_steps steps and fixed noise, so
-    evaluations of different epochs differ only by the weights. Returns (rewards (n,), decoded samples)."""
+    evaluations of different epochs differ only by the weights. Returns (rewards (n,), decoded samples, what
+    score() logs beside the rewards {key: (n,)})."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     sigmas = model.schedule(cfg.eval_num_steps).to(device)
     cond = model.encode([p.text for p in prompts])
-    rewards, outputs = [], []
+    rewards, outputs, parts = [], [], []
     for start in range(0, len(prompts), cfg.batch_size):
         idx = torch.arange(start, min(start + cfg.batch_size, len(prompts)))
         cond_b = select(cond, idx)
@@ -994,9 +1107,11 @@ def evaluate(cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[P
         traj = rollout(lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, 0.0, generator)
         decoded = model.decode(traj.latents[:, -1])
         batch = [prompts[i] for i in idx]
-        rewards.append(score(reward_fn, decoded, [p.text for p in batch], [p.metadata for p in batch])[0])
+        r, logged = score(reward_fn, decoded, [p.text for p in batch], [p.metadata for p in batch])
+        rewards.append(r)
+        parts.append(logged)
         outputs.append(decoded.cpu())
-    return torch.cat(rewards), torch.cat(outputs)
+    return torch.cat(rewards), torch.cat(outputs), {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def train(
@@ -1007,23 +1122,25 @@ def train(
     device: str | torch.device = "cpu",
     log: Callable[[str], None] = print,
     on_eval: Optional[Callable[[int, Tensor, Tensor, list[Prompt]], None]] = None,
+    eval_prompts: Optional[list[Prompt]] = None,
 ) -> list[dict]:
     """Flow-GRPO. For each epoch: draw B prompts, sample G trajectories each with the SDE, score them, compute
     group advantages, then take clipped policy-gradient steps on the stored trajectories. Writes metrics.jsonl
-    and checkpoints into cfg.out. Returns the per-epoch metrics.
+    and checkpoints into cfg.out. Returns the per-epoch metrics. Evaluation uses `eval_prompts` (the command
+    line passes held-out ones), or the training prompts if None (the toy: its 4 prompts are its whole world).
 
     Under torchrun (torch.distributed initialised) every process runs this same function: see section 8."""
     rank, world = dist_rank_world()
     plan = plan_batches(cfg, world)
     if not prompts:
         raise ValueError("the prompt list is empty: give --prompts a file with at least one prompt")
-    check_out_folder(cfg)
+    if rank == 0:
+        lock_out_folder(cfg.out)  # one run per output folder
+    resume = check_out_folder(cfg)  # (checkpoint, its state) to continue from, or None for a fresh run
     if rank != 0:
         log = lambda line: None  # noqa: E731  only rank 0 prints, writes metrics, images and checkpoints
         on_eval = None
     log(plan.describe(cfg))
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
     if world > 1 and not isinstance(model.net, torch.nn.parallel.DistributedDataParallel):
         # DDP averages the gradients over processes on backward (and starts every process from rank 0's weights).
         # No buffers to broadcast: the frozen networks have none that change, and evaluation runs everywhere.
@@ -1033,23 +1150,25 @@ def train(
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
     )
-    ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+    ema = EMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
     # loss scaling for fp16 networks on a GPU (bf16 has float32's exponent range and needs none)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and torch.device(device).type == "cuda")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     epoch0, step = 0, 0
-    if cfg.resume:
-        epoch0, step = load_checkpoint(cfg.out, model, optimizer, ema)
-        log(f"resumed from {latest_checkpoint(cfg.out)}: epoch {epoch0}, optimiser step {step}")
-        if rank == 0:
-            forget_metrics_after(metrics_path, epoch0)
-    eval_set = draw_prompts(prompts, min(cfg.eval_prompts, len(prompts)), cfg.seed, epoch=-1)
+    if resume:
+        epoch0, step = load_checkpoint(resume, model, optimizer, ema, cfg)
+        changed = compare_to_checkpoint(resume[1]["config"], cfg)[1]
+        log(f"resumed from {resume[0]}: epoch {epoch0}, optimiser step {step}" + "".join(f"; now {c}" for c in changed))
+    if rank == 0:
+        claim_metrics(metrics_path, epoch0 if resume else None, log)
+    pool = eval_prompts or prompts
+    eval_set = draw_prompts(pool, min(cfg.eval_count or len(pool), len(pool)), cfg.seed, epoch=-1)
     state = {"step": step}
 
     def after_optimizer_step() -> None:
         state["step"] += 1
-        if ema is not None and state["step"] % cfg.ema_every == 0:
-            ema.update()
+        if ema is not None:
+            ema.step(state["step"])
 
     history = []
     for epoch in range(epoch0, cfg.epochs):
@@ -1059,15 +1178,20 @@ def train(
         epoch_prompts = draw_prompts(prompts, cfg.groups_per_epoch, cfg.seed, epoch)
         samples = sample_epoch(cfg, model, reward_fn, epoch_prompts, generator, device)
         t_sampled = time.time()
-        stats = train_epoch(cfg, plan, model, samples, optimizer, after_optimizer_step, scaler)
+        try:
+            stats = train_epoch(cfg, plan, model, samples, optimizer, after_optimizer_step, scaler)
+        except DivergenceError as e:
+            raise DivergenceError(f"epoch {epoch}, {e}") from None
         t_trained = time.time()
         m: dict[str, Any] = {
             "epoch": epoch,
             "step": state["step"],
             "reward/mean": samples.rewards.mean().item(),
             "reward/std": samples.rewards.std(unbiased=False).item(),
-            **{f"reward/{k}": v.mean().item() for k, v in samples.reward_parts.items()},
+            **{f"reward/{k}": v.nanmean().item() for k, v in samples.reward_parts.items()},
             **{f"policy/{k}": v for k, v in stats.items()},
+            # samples whose group scored all alike (advantage exactly 0): not trained on (section 5)
+            "policy/zero_adv_frac": 1 - samples.kept_per_batch.sum().item() / len(samples.rewards),
             "time/sampling_s": t_sampled - t_start - samples.reward_seconds,
             "time/reward_s": samples.reward_seconds,
             "time/training_s": t_trained - t_sampled,
@@ -1075,15 +1199,16 @@ def train(
         last = epoch == cfg.epochs - 1
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or last):
             with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-                eval_rewards, eval_samples = evaluate(cfg, model, reward_fn, eval_set, device)
+                eval_rewards, eval_samples, eval_parts = evaluate(cfg, model, reward_fn, eval_set, device)
             m["eval/reward_mean"] = eval_rewards.mean().item()
+            m.update({f"eval/{k}": v.nanmean().item() for k, v in eval_parts.items()})
             if on_eval is not None:
                 on_eval(epoch, eval_samples, eval_rewards, eval_set)
         m["time/epoch_s"] = time.time() - t_start
         log(format_line(m))
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
+            with open(metrics_path, "a") as f:  # strict JSON: a value that is not finite is written as null
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in m.items()}, allow_nan=False) + "\n")
         history.append(m)
         if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
             if rank == 0:
@@ -1098,37 +1223,38 @@ def train(
 def format_line(m: dict) -> str:
     """The fixed-format progress line, one per epoch."""
     line = (
-        f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.4f} ± {m['reward/std']:.4f}"
+        f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.5g} ± {m['reward/std']:.3g}"
         f" | kl_ref {m.get('policy/kl_ref', 0):.3e} | clipfrac {m.get('policy/clipfrac', 0):.3f}"
         f" | approx_kl {m.get('policy/approx_kl', 0):.2e} | ratio {m.get('policy/ratio', 1):.4f}"
     )
     if "eval/reward_mean" in m:
-        line += f" | eval {m['eval/reward_mean']:+.4f}"
+        line += f" | eval {m['eval/reward_mean']:+.5g}"
     return line + f" | {m['time/epoch_s']:.1f}s"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 10. Checkpoints: atomic, safetensors only, resumable ---
+# --- 10. Checkpoints: atomic, safetensors only, checked, resumable; one run per output folder ---
 # ----------------------------------------------------------------------------------------------------------------
 # <out>/checkpoints/epoch-000010/
 #     lora/                  the trained weights (SD3: pytorch_lora_weights.safetensors for load_lora_weights)
 #     ema/                   the EMA weights, same format (if --ema)
 #     trainer_state.safetensors   optimiser moments and EMA shadow tensors
-#     trainer_state.json          epoch, optimiser step, optimiser hyper-parameters, the config
+#     trainer_state.json          epoch, optimiser step, optimiser hyper-parameters, the config, and the size and
+#                                 SHA-256 of every other file (a damaged file is named before anything loads)
 # <out>/checkpoints/latest   the name of the newest complete checkpoint
+# <out>/.lock                locked (flock) by the run writing into <out>
 # A checkpoint is written into a temporary folder and renamed into place, and `latest` is replaced atomically,
 # so a crash mid-save leaves the previous checkpoint and pointer untouched. The last KEEP checkpoints are kept.
 
 KEEP_CHECKPOINTS = 2
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
+# What a resumed run may change: how the optimiser steps, how long the run goes, what it saves and where things
+# live. Any other difference from the checkpoint's config (model, LoRA shape, group size, batch plan, sampler,
+# noise level, seed, reward, prompts, evaluation set, ...) would continue a different experiment under the old
+# one's name, so --resume refuses it and lists the differences.
+CHANGEABLE_ON_RESUME = (
+    "lr", "adam_beta1", "adam_beta2", "weight_decay", "adam_eps", "max_grad_norm",
+    "epochs", "eval_every", "save_every", "gradient_checkpointing", "text_encoders_on_cpu", "reward_models",
+)  # fmt: skip
 
 
 def latest_checkpoint(out: str) -> Optional[str]:
@@ -1138,26 +1264,71 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return os.path.join(out, "checkpoints", open(pointer).read().strip())
 
 
-def forget_metrics_after(path: str, epoch: int) -> None:
-    """Drop the metrics of epochs >= `epoch`: a run that crashed after its last checkpoint logged epochs that the
-    resumed run is about to redo."""
-    if os.path.exists(path):
-        lines = [line for line in open(path) if line.strip() and json.loads(line)["epoch"] < epoch]
-        _atomic_write_text(path, "".join(lines))
+def compare_to_checkpoint(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(forbidden, allowed): the settings of cfg that differ from the checkpoint's config `saved`, as
+    "--name old -> new", split by CHANGEABLE_ON_RESUME. A field the checkpoint lacks counts as its default."""
+    forbidden, allowed = [], []
+    for f in dataclasses.fields(Config):
+        old, new = saved.get(f.name, f.default), getattr(cfg, f.name)
+        if old != new and f.name not in ("resume", "out"):  # these two name the run, they always may differ
+            (allowed if f.name in CHANGEABLE_ON_RESUME else forbidden).append(f"--{f.name} {old!r} -> {new!r}")
+    return forbidden, allowed
 
 
-def check_out_folder(cfg: Config) -> None:
-    """A fresh run in a folder holding another run's checkpoints would prune them and append to its metrics:
-    refuse (never lose a checkpoint). --resume is how to continue that run."""
-    if not cfg.resume and latest_checkpoint(cfg.out) is not None:
+def check_out_folder(cfg: Config) -> Optional[tuple[str, dict]]:
+    """What --out and --resume allow, checked before anything is loaded or written. A fresh run refuses a folder
+    holding a run's checkpoints (it would prune them) and returns None. --resume returns (checkpoint folder, its
+    trainer_state) once the checkpoint is checked whole and its settings agree with cfg; a damaged file or a
+    `latest` that points nowhere is named with the newest intact checkpoint and how to resume from it."""
+    root = os.path.join(cfg.out, "checkpoints")
+    names = sorted(d for d in os.listdir(root) if d.startswith("epoch-")) if os.path.isdir(root) else []
+    if not cfg.resume:
+        if names:
+            raise FileExistsError(
+                f"{cfg.out} already holds a run's checkpoints ({os.path.join(root, names[-1])}): pass --resume to "
+                f"continue it, or choose another --out"
+            )
+        return None
+    latest = cfg.resume is True or cfg.resume == "latest"  # True: Config built in code with the old bool flag
+    pointer = os.path.join(root, "latest")
+    name = open(pointer).read().strip() if latest and os.path.isfile(pointer) else ""
+    if latest and not name and not names:
+        raise FileNotFoundError(f"--resume: no checkpoint found under {root}")
+    path = os.path.join(root, name) if latest else os.path.normpath(cfg.resume)
+    if not latest and names and os.path.realpath(os.path.dirname(path)) != os.path.realpath(root):
         raise FileExistsError(
-            f"{cfg.out} already holds a run's checkpoints ({latest_checkpoint(cfg.out)}): pass --resume to "
-            f"continue it, or choose another --out"
+            f"--resume {path} is not a checkpoint of --out {cfg.out}, which holds a run of its own: continuing "
+            f"another run there would mix the two; choose another --out"
         )
+    try:
+        if latest and not name:
+            raise CheckpointError(f"{pointer}: missing or empty")
+        meta = read_checkpoint(path)
+    except CheckpointError as e:
+        intact = newest_intact_checkpoint(os.path.dirname(path))
+        how = f"the newest intact checkpoint is {intact}: resume from it with --resume {intact}" if intact else (
+            "no intact checkpoint is left beside it: start a fresh run in another --out")
+        named = f" ({pointer} names {name})" if latest and name else ""
+        raise CheckpointError(f"cannot resume{named}: {e}\n  {how}") from None
+    forbidden, _ = compare_to_checkpoint(meta["config"], cfg)
+    if forbidden:
+        raise CheckpointError(
+            f"--resume {path}: these settings differ from the checkpoint's and cannot change in a resumed run:\n    "
+            + "\n    ".join(forbidden) + f"\n  pass the checkpoint's values (its trainer_state.json lists them), or "
+            f"start a fresh run in another --out. A resumed run may change --{', --'.join(CHANGEABLE_ON_RESUME)}."
+        )
+    if meta["epoch"] >= cfg.epochs:
+        raise ValueError(f"--resume {path}: the checkpoint ends epoch {meta['epoch']} of --epochs {cfg.epochs}: "
+                         f"nothing is left to train; pass a larger --epochs")  # fmt: skip
+    return path, meta
 
 
 def save_checkpoint(out: str, epoch: int, step: int, model: FlowModel, optimizer, ema: Optional[EMA], cfg: Config) -> str:
     from safetensors.torch import save_file
+
+    weights = model.trainable_parameters() + (ema.shadow if ema is not None else [])
+    if not all(bool(torch.isfinite(w).all()) for w in weights):  # never replace a good checkpoint with garbage
+        raise DivergenceError(f"epoch {epoch}: the weights hold NaN/inf; checkpoint not written")
 
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -1180,30 +1351,28 @@ def save_checkpoint(out: str, epoch: int, step: int, model: FlowModel, optimizer
         for i, s in enumerate(ema.shadow):
             tensors[f"ema.{i}"] = s.cpu().contiguous()
     save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
-    meta = {"epoch": epoch, "step": step, "param_groups": opt["param_groups"], "config": dataclasses.asdict(cfg)}
-    _atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
-    for folder, _, files in os.walk(tmp):  # on disk before the rename, so the rename never exposes a half-written file
-        for file in files:
-            with open(os.path.join(folder, file), "rb") as f:
-                os.fsync(f.fileno())
+    files = file_manifest(tmp)  # sizes and SHA-256 (each file fsync-ed): a damaged file is named on --resume
+    meta = {"epoch": epoch, "step": step, "param_groups": opt["param_groups"], "config": dataclasses.asdict(cfg), "files": files}
+    atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _atomic_write_text(os.path.join(root, "latest"), name)
+    atomic_write_text(os.path.join(root, "latest"), name)
     for old in sorted(d for d in os.listdir(root) if d.startswith("epoch-"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(os.path.join(root, old))
     return final
 
 
-def load_checkpoint(out: str, model: FlowModel, optimizer, ema: Optional[EMA]) -> tuple[int, int]:
-    """Restore weights, optimiser and EMA from the latest checkpoint in `out`; returns (next epoch, step)."""
+def load_checkpoint(checkpoint: tuple[str, dict], model: FlowModel, optimizer, ema: Optional[EMA], cfg: Config) -> tuple[int, int]:
+    """Restore weights, optimiser and EMA from a checkpoint check_out_folder accepted; returns (next epoch, step).
+    The optimiser's hyper-parameters come from cfg, not from the checkpoint: a changed --lr takes effect."""
     from safetensors.torch import load_file
 
-    path = latest_checkpoint(out)
-    if path is None or not os.path.isdir(path):
-        raise FileNotFoundError(f"--resume: no checkpoint found under {os.path.join(out, 'checkpoints')}")
-    model.load_weights(os.path.join(path, "lora"))
-    meta = json.load(open(os.path.join(path, "trainer_state.json")))
-    tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
+    path, meta = checkpoint
+    try:
+        model.load_weights(os.path.join(path, "lora"))
+        tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
+    except Exception as e:  # checked whole, yet not this model's (written by other code, or edited by hand)
+        raise CheckpointError(f"{path}: does not load into this model ({type(e).__name__}: {e})") from e
     state: dict[int, dict[str, Tensor]] = {}
     for key, v in tensors.items():
         kind, i, *rest = key.split(".")
@@ -1213,9 +1382,9 @@ def load_checkpoint(out: str, model: FlowModel, optimizer, ema: Optional[EMA]) -
     for g in groups:
         g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for g in optimizer.param_groups:  # load_state_dict restored the saved hyper-parameters: the command line's win
+        g.update(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     if ema is not None:
-        if "ema.0" not in tensors and ema.shadow:
-            raise ValueError(f"{path} holds no EMA weights; resume with --no-ema or from a run that used --ema")
         for i, s in enumerate(ema.shadow):
             s.copy_(tensors[f"ema.{i}"])
     return meta["epoch"], meta["step"]
@@ -1280,7 +1449,7 @@ class SD3Model(FlowModel):
         self.text_device = torch.device("cpu") if cfg.text_encoders_on_cpu else device
         for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
             _move(enc, self.text_device, dtype)
-        _move(pipe.vae, device, dtype)
+        _move(pipe.vae, device, torch.float32)  # float32 as the reference: rewards read the decoded pixels
         _move(self.transformer, device, dtype)
         # LoRA: W x + (α/r)·B A x with A, B trainable; "gaussian" init draws A ~ N(0, (1/r)²) and sets B = 0, so
         # training starts exactly at the pre-trained model (and the first KL is 0)
@@ -1344,7 +1513,7 @@ class SD3Model(FlowModel):
         vae = self.pipe.vae
         # undo SD3's latent normalisation z = (latent − shift)·scale, then decode to [−1, 1] pixels
         latents = x0 / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(self.dtype), return_dict=False)[0]  # (N, 3, H·8, W·8)
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (N, 3, H·8, W·8)
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -1373,56 +1542,47 @@ class SD3Model(FlowModel):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 12. Prompts, evaluation grid, command line ---
+# --- 12. Prompts and the held-out evaluation set, checks before the model loads, command line ---
 # ----------------------------------------------------------------------------------------------------------------
 
-PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
-PROMPT_SETS = {"general": "general.txt", "ocr": "ocr.jsonl", "geneval": "geneval.jsonl"}
+def load_prompts(spec: str, split: str = "train") -> list[Prompt]:
+    """The `split` ("train" or "test") of a prompt set: a shipped set (general, ocr, geneval: prompts/), a folder
+    laid out as the reference's dataset/<name>/ (train.txt, test.txt or *_metadata.jsonl), or one .txt file (one
+    prompt per line) or .jsonl file (one {"prompt": ..., <metadata>...} object per line), its whole set."""
+    return [Prompt(text, meta, source) for text, meta, source in read_prompts(prompt_file(spec, split))]
 
 
-def load_prompts(spec: str) -> list[Prompt]:
-    """A shipped set name (general, ocr, geneval), a .txt file (one prompt per line) or a .jsonl file (one
-    {"prompt": ..., <metadata>...} object per line)."""
-    path = os.path.join(PROMPT_DIR, PROMPT_SETS[spec]) if spec in PROMPT_SETS else spec
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--prompts {spec!r}: no such file (or a shipped set: {', '.join(PROMPT_SETS)})")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    row = json.loads(line)
-                    prompts.append(Prompt(row.pop("prompt"), row))
-                except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                    raise ValueError(f'{path}:{n}: expected a JSON object with a "prompt" key ({e})') from e
-            else:
-                prompts.append(Prompt(line.strip()))
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts: write one prompt per line (.txt) or per JSON line (.jsonl)")
-    return prompts
+def eval_prompt_set(cfg: Config) -> list[Prompt]:
+    """The held-out prompts evaluation uses: --eval_prompts (a file: all of it; a set or folder: its test split), by
+    default the test split of --prompts. Never the training prompts, unless --eval_prompts names them."""
+    if not cfg.eval_every:
+        return []
+    if not cfg.eval_prompts and os.path.isfile(cfg.prompts):
+        raise ValueError(
+            f"--prompts {cfg.prompts} is a single file, so it has no held-out test split (and evaluating on training "
+            f"prompts measures memorisation): pass --eval_prompts with a file of other prompts or a shipped set, or "
+            f"--eval_every 0"
+        )
+    return load_prompts(cfg.eval_prompts or cfg.prompts, "test")
 
 
-def save_grid(path: str, images: Tensor, prompts: list[Prompt], rewards: Tensor, columns: int = 4) -> None:
-    """A PNG grid of evaluation images, each captioned with its prompt and reward."""
-    from PIL import Image, ImageDraw
+def check_reward(reward_fn: Callable, cfg: Config, prompts: list[Prompt]) -> None:
+    """Fail before the big model loads: every prompt suits the reward (OCR: each has a target text), and one call
+    on blank images with the first prompts and their metadata loads the reward models and returns valid rewards."""
+    import rewards
 
-    n, _, h, w = images.shape
-    tile_w, caption = max(w, 192), 28
-    rows = math.ceil(n / columns)
-    grid = Image.new("RGB", (columns * tile_w, rows * (h + caption)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i in range(n):
-        arr = (images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-        x, y = (i % columns) * tile_w, (i // columns) * (h + caption)
-        grid.paste(Image.fromarray(arr), (x + (tile_w - w) // 2, y))
-        text = prompts[i].text if len(prompts[i].text) <= 30 else prompts[i].text[:29] + "…"
-        draw.text((x + 2, y + h + 1), text, fill="black")
-        draw.text((x + 2, y + h + 14), f"reward {rewards[i].item():+.4f}", fill="black")
-    tmp = path + ".tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
+    if "ocr" in rewards.parse_spec(cfg.reward):
+        for p in prompts:
+            try:
+                rewards.ocr_target(p.text, p.metadata)
+            except ValueError as e:
+                raise ValueError(f"{p.source}: {e}" if p.source else str(e)) from None
+    first = prompts[: cfg.batch_size]
+    blank = torch.full((len(first), 3, cfg.resolution, cfg.resolution), 0.5)  # (k, 3, H, W) mid-grey
+    try:
+        score(reward_fn, blank, [p.text for p in first], [p.metadata for p in first])
+    except Exception as e:  # a model that cannot load, a missing program, a reward that rejects the metadata
+        raise RewardError(f"--reward {cfg.reward} fails on a blank image with the first prompts: {e}") from e
 
 
 # --model tiny-random is a laptop demo of the real path: the paper's sizes would take hours on a CPU even for a
@@ -1431,7 +1591,7 @@ PRESETS = {
     "tiny-random": dict(
         resolution=32,  # the tiny VAE: 32 px images, 4x16x16 latents
         group_size=8, groups_per_epoch=4, batch_size=16, epochs=10,  # 32 images/epoch in 2 batches
-        eval_num_steps=20, eval_every=5, eval_prompts=4, save_every=5,
+        eval_num_steps=20, eval_every=5, eval_count=4, save_every=5,
         # A random model's JPEG sizes differ by a few bytes between samples, so the signal per epoch is weak: larger
         # steps (lr 3e-2 instead of 3e-4, clip range 1e-2 instead of 1e-4) make the rise visible in 10 epochs.
         lr=3e-2, clip_range=1e-2,
@@ -1451,7 +1611,9 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     comments = _field_comments()
     for f in dataclasses.fields(Config):
         kind = {"Optional[float]": float}.get(str(f.type), None) or {"int": int, "float": float, "str": str}.get(str(f.type))
-        if str(f.type) == "bool":
+        if f.name == "resume":  # --resume alone means the latest checkpoint, --resume PATH that one
+            parser.add_argument("--resume", nargs="?", const="latest", default="", metavar="PATH", help=comments[f.name])
+        elif str(f.type) == "bool":
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments.get(f.name))
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=comments.get(f.name))
@@ -1486,28 +1648,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         dist_device = init_distributed(cfg.cpu, cfg.dist_timeout_s)  # None unless torchrun started several processes
         rank, world = dist_rank_world()
-        plan_batches(cfg, world)  # fail on impossible arithmetic (and below, a taken --out) before loading gigabytes
-        check_out_folder(cfg)
-        prompts = load_prompts(cfg.prompts)
+        # everything that can be checked is checked before the gigabytes of SD3.5-M load
+        plan_batches(cfg, world)  # every number, and the batch arithmetic
+        if rank == 0:
+            lock_out_folder(cfg.out)  # a second run into the same --out stops here
+        check_out_folder(cfg)  # a fresh run over old checkpoints; --resume: a damaged or incompatible checkpoint
+        prompts, eval_prompts = load_prompts(cfg.prompts), eval_prompt_set(cfg)
         device, dtype = pick_device(cfg)
         device = dist_device or device
-        reward_fn = rewards.build_reward(cfg.reward, device=device)
+        reward_fn = rewards.build_reward(cfg.reward, device=device, **rewards.parse_model_options(cfg.reward_models))
+        check_reward(reward_fn, cfg, prompts + eval_prompts)  # reward models load and answer; prompts suit them
         torch.manual_seed(cfg.seed)  # LoRA init
         model = SD3Model(load_pipeline(cfg.model, dtype), cfg, device, dtype)
-    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError, CheckpointError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     if rank == 0:
         print(f"model {cfg.model} on {device} x {world} ({dtype}) | reward {cfg.reward} | beta {cfg.resolved_beta()} | "
               f"{len(prompts)} prompts from {cfg.prompts} | LoRA parameters {sum(p.numel() for p in model.params):,}")
+        if eval_prompts:
+            also = sum(p.text in {q.text for q in prompts} for p in eval_prompts)
+            print(f"evaluation on {min(cfg.eval_count or len(eval_prompts), len(eval_prompts))} of {len(eval_prompts)} "
+                  f"prompts from {eval_prompts[0].source.rsplit(':', 1)[0]}"
+                  + (f" ({also} of them are training prompts too)" if also else " (held out from training)"))
 
-    def on_eval(epoch: int, images: Tensor, rewards_: Tensor, eval_prompts: list[Prompt]) -> None:
-        save_grid(os.path.join(cfg.out, f"eval-epoch-{epoch:06d}.png"), images, eval_prompts, rewards_)
+    def on_eval(epoch: int, images: Tensor, rewards_: Tensor, shown: list[Prompt]) -> None:
+        save_grid(os.path.join(cfg.out, f"eval-epoch-{epoch:06d}.png"), images, shown, rewards_, epoch)
 
     try:
-        train(cfg, model, reward_fn, prompts, device, on_eval=on_eval)
-    except (RewardError, FileNotFoundError) as e:
+        train(cfg, model, reward_fn, prompts, device, on_eval=on_eval, eval_prompts=eval_prompts)
+    except (RewardError, DivergenceError, FileNotFoundError, CheckpointError) as e:
         # under torchrun a non-zero exit of one process makes torchrun stop the others (no rank is left hanging)
         print(f"error (rank {rank}): {e}", file=sys.stderr)
         return 1

@@ -63,10 +63,15 @@ def hang(out: str) -> int:
     build_reward = rewards.build_reward
 
     def stuck_on_rank_1(*args, **kwargs):
-        good = build_reward(*args, **kwargs)
-        if fg.dist_rank_world()[0] == 0:
-            return good
-        return lambda *a: time.sleep(3600)
+        good, calls = build_reward(*args, **kwargs), []
+
+        def reward(*a):  # the start-up check (call 1) passes; then rank 1 stops answering while sampling
+            calls.append(1)
+            if fg.dist_rank_world()[0] == 1 and len(calls) > 1:
+                time.sleep(3600)
+            return good(*a)
+
+        return reward
 
     rewards.build_reward = stuck_on_rank_1
     return fg.main(["--model", "tiny-random", "--reward", "jpeg_compressibility", "--out", out, "--cpu",

@@ -1,6 +1,7 @@
 """The checks that matter most, repeated where they run for real: on a CUDA GPU, the tiny model in bf16.
 
-Skipped where torch.cuda.is_available() is False (marker `gpu`: `python -m pytest -m gpu` runs only these).
+Skipped where torch.cuda.is_available() is False (marker `gpu`, conftest.py; `python -m pytest -m gpu` runs only
+these).
 The CPU suite checks the same code in float32; bf16 rounds every network output to 8 significant bits, so what
 "the same" means here is written from bf16's unit roundoff u = 2⁻⁸ (round to nearest), not from one run."""
 
@@ -17,10 +18,7 @@ from test_sd3 import PROMPTS, perturb_lora, tiny_cfg
 import flow_grpo as fg
 import rewards
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
-]
+pytestmark = pytest.mark.gpu  # skipped where CUDA is absent (conftest.py)
 DEVICE, BF16 = torch.device("cuda"), torch.bfloat16
 U = 2.0**-8  # bf16 unit roundoff: 8 significant bits, round to nearest
 

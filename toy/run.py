@@ -1,13 +1,13 @@
 """Flow-GRPO on a 2D toy: the SAME training loop as SD3.5-M, on a laptop CPU in about 12 seconds.
 
-    python toy/run.py                 # β = 0.3, 60 epochs: writes toy/out/toy.png and toy/out/metrics.json
+    python toy/run.py                 # β = 3, 60 epochs: writes toy/out/toy.png and toy/out/metrics.json
     python toy/run.py --beta 0        # no KL to the pre-trained model: watch the samples leave the data modes
 
 What you should see (seed 0, one CPU core, ~12 s):
     default     reward 0.333 → 0.553 (0.568 is the most a model can earn on its data), samples on their modes
-                97% → 95%, kl_to_ref 0.05
+                97% → 95%, kl_to_ref 0.005
     --beta 0    reward 0.333 → 0.965: every sample has left the data for the reward's peak (0% on their modes),
-                kl_to_ref 4.6. That is reward hacking, and the KL term is what prevents it.
+                kl_to_ref 0.46. That is reward hacking, and the KL term is what prevents it.
     --fast_window 2 / --sde_type cps: the faster variants (flow_grpo.py explains them; README has their numbers)
 
 What happens (each step is a numbered banner below):
@@ -27,7 +27,8 @@ metrics.json (one run; the ODE samples are 256 per prompt from fixed noise, 40 s
     reward_before, reward_after   mean reward of the ODE samples before / after fine-tuning
     reward_best_on_manifold       mean over prompts of the reward at the prompt's better mode (0.568)
     on_manifold_before, _after    fraction of the ODE samples within 3·MODE_STD = 0.3 of one of their prompt's modes
-    kl_to_ref, kl_to_ref_before   ‖μ_θ − μ_ref‖²/(2 std²) per step and coordinate, averaged over the 9 trained steps
+    kl_to_ref, kl_to_ref_before   the penalised KL (--kl reference: |dt|·‖μ_θ − μ_ref‖²/(2 std²)) per step and
+                                  coordinate, averaged over the 9 trained steps
                                   of 1024 fixed-noise SDE trajectories (10 steps, a = --noise_level) of the model:
                                   the quantity the loss penalises (policy/kl_ref), measured after training
     reward_curve                  per epoch, the mean reward of its 64 SDE training samples (train's reward/mean)
@@ -302,15 +303,17 @@ def on_manifold(points: Tensor, prompt_id: Tensor) -> Tensor:
 
 @torch.no_grad()
 def kl_to_reference(
-    model: ToyModel, traj: flow_grpo.Trajectory, prompt_id: Tensor, steps: list[int], sde_type: str = "sde"
+    model: ToyModel, traj: flow_grpo.Trajectory, prompt_id: Tensor, steps: list[int], sde_type: str = "sde",
+    form: str = "reference",
 ) -> float:
     """How far the current model is from the pre-trained one: the KL that the training loss penalises and
-    flow_grpo.train logs as policy/kl_ref, here on fixed-noise SDE trajectories `traj` of the current model,
+    flow_grpo.train logs as policy/kl_ref (flow_grpo.step_kl, `form` as --kl), here on fixed-noise SDE
+    trajectories `traj` of the current model: the mean over the trained steps j and the N samples of
 
-        mean over the trained steps j and the N samples of  ‖μ_θ − μ_ref‖² / (2 std²)   (mean over the 2 coordinates)
+        exact:      ‖μ_θ − μ_ref‖² / (2 std²)   (mean over the 2 coordinates);    reference: |dt| times that
 
     with μ_θ, μ_ref the means of the step Gaussians of the current and the reference model at the visited x_j,
-    both computed by flow_grpo.sde_step. 0 for the pre-trained model; it is the trajectory KL
+    both computed by flow_grpo.sde_step. 0 for the pre-trained model; the exact form is the trajectory KL
     KL(p_θ(x_0:T) ‖ p_ref(x_0:T)) divided by 2·len(steps) (a sum over steps and coordinates of the same terms)."""
     cond = {"prompt_id": prompt_id}
     kls = []
@@ -324,7 +327,7 @@ def kl_to_reference(
             v_ref = model.velocity(x_j, t, cond)  # (N, 2)
         _, _, ref_mean, _ = flow_grpo.sde_step(x_j, v_ref, t_j, t_next, a, x_next, sde_type=sde_type)
         # the training loss's own KL formula                                                      (N,) -> scalar
-        kls.append(flow_grpo.gaussian_kl(mean, ref_mean, std).mean().item())
+        kls.append(flow_grpo.step_kl(mean, ref_mean, std, t_j, t_next, form, sde_type).mean().item())
     return sum(kls) / len(kls)
 
 
@@ -342,7 +345,7 @@ def measure(model: ToyModel, cfg: flow_grpo.Config) -> dict:
         "prompt_id": prompt_id,
         "reward": toy_reward(points, [], []).mean().item(),
         "on_manifold": on_manifold(points, prompt_id).float().mean().item(),
-        "kl_to_ref": kl_to_reference(model, sde, sde_prompt_id, trained_steps, cfg.sde_type),
+        "kl_to_ref": kl_to_reference(model, sde, sde_prompt_id, trained_steps, cfg.sde_type, cfg.kl),
     }
 
 
@@ -355,12 +358,17 @@ def measure(model: ToyModel, cfg: flow_grpo.Config) -> dict:
 # with the per-prompt mean and the epoch's global std clipped to ±5, AdamW β's, weight decay and grad-norm clip 1.
 
 # β, the weight of the KL to the pre-trained model. The paper's 0.01–0.04 balance another reward scale and a KL
-# averaged over 65 536 latent elements; what matters is the outcome. Measured at 60 epochs, seeds 0–3 (reward from
-# 0.30–0.35 before, 97% on their modes before, 0.57 the most reachable on the data):
-#     β = 0     reward 0.80–0.99, 0% on their modes: every sample moved to the reward's peak; kl_to_ref 3.2–4.8
-#     β = 0.3   reward 0.50–0.55, 92–95% on their modes;                                      kl_to_ref 0.04–0.07
-#     β = 1     reward 0.40–0.45 (about half the gain), 92–96% on their modes;                kl_to_ref 0.01–0.02
-TOY_BETA = 0.3
+# averaged over 65 536 latent elements; what matters is the outcome. The KL penalised by default is the reference
+# code's (flow_grpo.step_kl): |dt| times the exact per-step KL for the SDE, with |dt| = 0.1 on every step of the
+# toy's uniform 10-step grid, so β = 3 here is β = 0.3 on the exact KL. Measured at 60 epochs, seeds 0–4 (reward
+# from 0.30–0.35 before, 97% on their modes before, 0.57 the most reachable on the data):
+#     β = 0     reward 0.80–1.00, 0% on their modes: every sample moved to the reward's peak; kl_to_ref 0.32–0.48
+#     β = 3     reward 0.50–0.55, 92–95% on their modes;                                      kl_to_ref 0.004–0.006
+#     β = 10    reward 0.40–0.46 (about half the gain), 92–96% on their modes;                kl_to_ref 0.001–0.002
+TOY_BETA = 3.0
+# For CPS the reference's KL IS the exact one (its std_dev_t is the step's own std): the same β pulls 1/|dt| = 10
+# times harder there, so the toy's CPS runs take β = 0.3, the same pull as β = 3 on the SDE.
+TOY_BETA_CPS = 0.3
 
 
 def toy_config(args: argparse.Namespace) -> flow_grpo.Config:
@@ -390,8 +398,8 @@ def toy_config(args: argparse.Namespace) -> flow_grpo.Config:
         # The standard PPO ε. The paper's 1e-4 is for a log-prob averaged over 65 536 latent elements, whose
         # per-element ratio barely moves; here it is averaged over 2 elements and 1e-4 would clip every update.
         clip_range=0.2,
-        # β: 0.3 by default (the paper: 0.01–0.04); see TOY_BETA.
-        beta=args.beta,
+        # β: 3 by default, 0.3 with CPS (the paper: 0.01–0.04); see TOY_BETA.
+        beta=args.beta if args.beta is not None else TOY_BETA_CPS if args.sde_type == "cps" else TOY_BETA,
         # 1e-3: Adam's usual rate for a small MLP trained in full; 3e-4 is the paper's rate for a LoRA on SD3.
         lr=1e-3,
         ema=False,  # the toy evaluates the current weights; EMA (decay 0.9 every 8 steps) only adds lag here
@@ -564,7 +572,8 @@ def draw_picture(path: str, before: dict, after: dict, curve: list[float], args:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Flow-GRPO on a 2D toy (see the top of toy/run.py).")
-    p.add_argument("--beta", type=float, default=TOY_BETA, help="KL weight β (0: no pull toward the pre-trained model)")
+    p.add_argument("--beta", type=float, default=None, help="KL weight β (0: no pull toward the pre-trained model); "
+                   f"default {TOY_BETA:g}, {TOY_BETA_CPS:g} with --sde_type cps")
     p.add_argument("--seed", type=int, default=0, help="seeds pre-training, sampling and training")
     p.add_argument("--epochs", type=int, default=60, help="Flow-GRPO epochs (64 rollouts each)")
     p.add_argument("--noise_level", type=float, default=0.7, help="a in σ_t = a·√(t/(1 − t)) (paper: 0.7)")
@@ -594,6 +603,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
 def _run(args: argparse.Namespace, log) -> dict:
     t_start = time.time()
     cfg = toy_config(args)
+    args = argparse.Namespace(**{**vars(args), "beta": cfg.beta})  # the β in effect, for the picture and metrics
     flow_grpo.plan_batches(cfg)  # raises now, not after pre-training, if the batch sizes do not fit
     # train appends to metrics.jsonl and adds checkpoints: start this run's outputs from scratch
     os.makedirs(cfg.out, exist_ok=True)

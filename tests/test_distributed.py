@@ -61,12 +61,13 @@ def test_two_processes_match_one(tmp_path, mode):
         assert torch.equal(r["advantages"], adv_single[r["sample_ids"]])
     # weights: identical on both ranks (DDP), and BIT FOR BIT equal to the single-process run. Why exact and not
     # "close": dist_worker trains one denoising step per trajectory with one batch per process per optimiser step,
-    # so each process does a single backward per step. Alone: grad = fl(g₀·½ + g₁·½); two processes: DDP's
-    # all-reduce gives fl(g₀ + g₁)·½ on both, which is the same number (halving is exact in binary floating
-    # point, a + b = b + a), and every batch's g is computed by the same kernels on the same rows. With several
-    # backwards per process the two runs sum in different orders; AdamW divides each gradient by its own running
-    # magnitude, so a rounding error of a component whose terms nearly cancel moves that weight by up to ~lr per
-    # step: no tolerance would then be both machine-independent and small enough to catch a real bug.
+    # so each process does a single backward per step. Alone: grad = fl(c₀g₀ + c₁g₁) (c_m: train_epoch's loss
+    # scale); two processes: DDP's all-reduce gives fl(2c₀g₀ + 2c₁g₁)·½ on both, which is the same number
+    # (doubling and halving are exact in binary floating point, a + b = b + a), and every batch's g is computed by
+    # the same kernels on the same rows. With several backwards per process the two runs sum in different orders;
+    # AdamW divides each gradient by its own running magnitude, so a rounding error of a component whose terms
+    # nearly cancel moves that weight by up to ~lr per step: no tolerance would then be both machine-independent
+    # and small enough to catch a real bug (another machine saw 4.65e-5 with lr 3e-2 where 2e-5 was allowed).
     weights = [k for k in single if k.startswith("p")]
     assert any(not torch.equal(single[k], single["init" + k[1:]]) for k in weights)  # training moved the weights
     for k in weights:

@@ -214,6 +214,7 @@ class ToyModel(flow_grpo.FlowModel):
     frozen copy of it as the KL's reference policy (SD3 gets the same by disabling its LoRA adapter)."""
 
     latent_shape = (2,)  # D
+    null_id = NULL_ID  # the prompt id of CFG's unconditional branch
 
     def __init__(self, net: VelocityMLP, guidance_scale: float):
         self.net = net  # θ, trained
@@ -236,7 +237,7 @@ class ToyModel(flow_grpo.FlowModel):
     def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         net = self.ref_net if self._use_reference else self.net
         prompt_id = cond["prompt_id"]  # (N,)
-        null_id = torch.full_like(prompt_id, NULL_ID)
+        null_id = torch.full_like(prompt_id, self.null_id)
         # ONE forward for both branches, as the SD3 pipeline does: rows [unconditional; conditional]
         v = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null_id, prompt_id]))  # (2N, 2)
         v_uncond, v_cond = v.chunk(2)  # (N, 2) each

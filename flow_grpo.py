@@ -109,6 +109,7 @@ class Config:
     adv_clip: float = 5.0  # advantages are clipped to ±adv_clip
     clip_range: float = 1e-4  # PPO ε (small because the log-prob is averaged over latent elements)
     beta: Optional[float] = None  # KL weight; None: 0.01 for pickscore, 0.04 otherwise (paper)
+    kl: str = "reference"  # "reference": the reference code's KL (= |dt| x exact, what β was tuned on); "exact"
     timestep_fraction: float = 0.99  # train on the first int(T·fraction) steps (9 of 10: the last is too sharp)
     log_prob_reduce: str = "mean"  # "mean" (reference) or "sum" over latent elements; see sde_step
     sde_type: str = "sde"  # "sde" (paper) or "cps" (coefficients-preserving sampling, later in the reference repo)
@@ -125,8 +126,8 @@ class Config:
     lora_rank: int = 32  # LoRA r
     lora_alpha: int = 64  # LoRA α (scale α/r = 2)
     ema: bool = True  # keep an EMA of the LoRA weights, used for evaluation and saved beside them
-    ema_decay: float = 0.9  # EMA decay
-    ema_every: int = 8  # EMA update every this many optimiser steps
+    ema_decay: float = 0.9  # EMA decay, reached after a warm-up: min((1 + s)/(10 + s), ema_decay) at step s
+    ema_every: int = 8  # EMA update after optimiser steps s with (s + 1) % ema_every == 0
     # --- run ---
     epochs: int = 100  # sampling + training rounds
     eval_every: int = 10  # evaluate (ODE, eval_num_steps) every this many epochs; 0 = never
@@ -136,7 +137,7 @@ class Config:
     mixed_precision: str = "bf16"  # "bf16", "fp16" or "no": dtype of the frozen weights on a GPU (CPU: float32)
     gradient_checkpointing: bool = False  # trade compute for activation memory in the transformer
     text_encoders_on_cpu: bool = False  # keep CLIP-L, CLIP-G and T5-XXL on the CPU (saves ~11 GB of GPU memory)
-    max_sequence_length: int = 256  # T5 tokens per prompt (diffusers' SD3 default)
+    max_sequence_length: int = 128  # T5 tokens per prompt (the reference's 128; diffusers' default is 256)
 
     def resolved_beta(self) -> float:
         if self.beta is not None:
@@ -235,7 +236,9 @@ def sde_step(
     x, v = x.float(), v.float()
     t, t_next = _per_sample(t, x), _per_sample(t_next, x)
     dt = t_next - t  # < 0: we integrate from noise (t = 1) to data (t = 0)
-    if torch.any(dt >= 0):
+    # checked here only where it is free: on a GPU, reading dt back would stall the hot loop once per step (the
+    # loop checks its schedule once, in rollout)
+    if dt.device.type == "cpu" and torch.any(dt >= 0):
         raise ValueError("t_next must be smaller than t: sampling runs from t = 1 (noise) to t = 0 (data)")
 
     nan = torch.full(x.shape[:1], float("nan"), device=x.device)  # (B,) the "log-prob" of a deterministic step
@@ -347,6 +350,8 @@ def rollout(
     levels = [float(noise_level)] * T if isinstance(noise_level, (int, float)) else [float(a) for a in noise_level]
     if len(levels) != T:
         raise ValueError(f"need one noise level per step ({T}), got {len(levels)}")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):  # once per rollout, not once per step
+        raise ValueError(f"the schedule must decrease from t = 1 (noise) to t = 0 (data), got {sigmas.tolist()}")
     x = x1.float()
     latents, log_probs = [x], []
     for j in range(T):
@@ -422,17 +427,29 @@ def group_advantages(
 #     L_clip = mean( max( −A·r, −A·clip(r, 1 − ε, 1 + ε) ) )                    (PPO, minimised)
 #     L = L_clip + β·KL( π_θ(·|x) ‖ π_ref(·|x) )
 #
-# Both policies of one step are Gaussians with the SAME std (the std depends only on t and a), so their KL has a
-# closed form with only the mean difference left:
+# Both policies of one step are Gaussians with the SAME std s (it depends only on t and a), so their KL has a
+# closed form in which only the mean difference is left (per latent element, then averaged over elements, like
+# the log-prob; the summed KL is C·H·W times larger):
 #
-#     KL( N(μ_θ, s²I) ‖ N(μ_ref, s²I) ) = ‖μ_θ − μ_ref‖² / (2 s²)
+#     exact:      KL = (μ_θ − μ_ref)² / (2 s²),        s = σ_t·√(−dt)  (SDE)   or   s = t'·sin(a·π/2)  (CPS)
 #
-# Which KL this is, exactly: the per-step KL between the two transition Gaussians at the state x the sample
-# visited, with s = std = σ_t·√(−dt) of that step, AVERAGED over latent elements (consistent with the averaged
-# log-prob; the summed KL is C·H·W times larger) and over the batch. This is what the reference code computes.
-# Writing μ_θ − μ_ref = (v_θ − v_ref)·(1 + σ_t²(1 − t)/(2t))·dt shows that it is ∝ |dt|·‖v_θ − v_ref‖²/σ_t²; the
-# paper's derivation keeps a dt factor in front that the reference drops (users asked about it upstream). Since
-# dt is fixed per step, that only rescales β per timestep.
+# With μ_θ − μ_ref = (v_θ − v_ref)·(1 + σ_t²(1 − t)/(2t))·dt this is the paper's closed form
+#     KL = (|dt|/2)·(1/σ_t + σ_t(1 − t)/(2t))²·(v_θ − v_ref)².
+# The reference code does not compute that. Its sde_step_with_logprob returns std_dev_t = σ_t WITHOUT the √(−dt)
+# (train_sd3.py then divides by 2·std_dev_t²), so for the SDE it penalises
+#
+#     reference:  KL_ref = (μ_θ − μ_ref)² / (2 σ_t²)  =  |dt| · exact            (3.7x to 25x smaller per step on
+#                                                                                 the 10-step SD3 schedule)
+# and the paper's β values (0.04 OCR/GenEval, 0.01 PickScore) were tuned on that form, so it is our default
+# (--kl reference). For CPS its std_dev_t IS the step's std, so there both forms are the exact KL. --kl exact
+# gives the exact per-step KL; a run with it needs a β about |dt| times smaller for the same pull.
+#
+# Samples whose advantage is exactly 0 (every image of the group scored the same) teach the policy term nothing
+# and would still be pulled by the KL; the reference drops them before training. Here they get weight 0 (`mask`),
+# which keeps the batch shapes of sampling (and so the first ratio exactly 1), and the loss is the mean over
+# the samples that are kept.
+
+KL_FORMS = ("reference", "exact")
 
 
 def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
@@ -443,19 +460,32 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
     return (((mean - ref_mean) ** 2) / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim)))
 
 
+def step_kl(
+    mean: Tensor, ref_mean: Tensor, std: Tensor, t: float | Tensor, t_next: float | Tensor, form: str = "reference",
+    sde_type: str = "sde",
+) -> Tensor:
+    """The penalised KL of one step per sample (B,): `form` "exact" or "reference" (= |dt|·exact for the SDE)."""
+    if form not in KL_FORMS:
+        raise ValueError(f"kl form must be one of {KL_FORMS}, got {form!r}")
+    kl = gaussian_kl(mean, ref_mean, std)  # exact
+    if form == "reference" and sde_type == "sde":
+        kl = kl * (t - t_next)  # (μ_θ − μ_ref)²/(2σ_t²) = |dt|·(μ_θ − μ_ref)²/(2σ_t²|dt|)
+    return kl
+
+
 def grpo_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
     advantages: Tensor,
     clip_range: float,
-    mean: Optional[Tensor] = None,
-    ref_mean: Optional[Tensor] = None,
-    std: Optional[Tensor] = None,
+    kl: Optional[Tensor] = None,
     beta: float = 0.0,
-) -> tuple[Tensor, dict[str, float]]:
-    """The Flow-GRPO loss of one step for a batch. log_prob, old_log_prob, advantages: (B,). mean, ref_mean:
-    (B, *D) means of the current and reference step Gaussians; std: their shared std. Returns (loss, info) with
-    info = {ratio, clipfrac, approx_kl, kl_ref, policy_loss} as python floats (detached)."""
+    mask: Optional[Tensor] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The Flow-GRPO loss of one step for a batch. log_prob, old_log_prob, advantages, kl (the per-sample KL to the
+    reference, step_kl) and mask (True = train on this sample): (B,). The loss is the mean over the masked-in
+    samples. Returns (loss, info) with info = {ratio, clipfrac, approx_kl, kl_ref, policy_loss} as detached 0-dim
+    tensors, means over the same samples; they stay on the device (reading one is a host-device sync)."""
     if not (log_prob.shape == old_log_prob.shape == advantages.shape) or log_prob.ndim != 1:
         raise ValueError(
             "log_prob, old_log_prob and advantages must all have shape (B,), got "
@@ -463,30 +493,30 @@ def grpo_loss(
         )
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    # r = exp(logp_new − logp_old)                                                        (B,)
+    if beta != 0 and kl is None:
+        raise ValueError("beta > 0 needs the per-sample KL (step_kl)")
+    # weights w_i: 1/(number kept) for the samples trained on, 0 for the others                            (B,)
+    keep = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
+    w = keep / keep.sum().clamp(min=1)
+    # r = exp(logp_new − logp_old)                                                                          (B,)
     ratio = torch.exp(log_prob - old_log_prob)
     # max(−A·r, −A·clip(r, 1 − ε, 1 + ε)): the pessimistic bound; no gradient once r has left [1 − ε, 1 + ε]
     # in the direction the advantage pushes it
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    policy_loss = torch.maximum(unclipped, clipped).mean()
-
-    kl_ref = torch.zeros((), device=log_prob.device)
-    if beta != 0 or ref_mean is not None:
-        if mean is None or ref_mean is None or std is None:
-            raise ValueError("the KL term needs mean, ref_mean and std")
-        kl_ref = gaussian_kl(mean, ref_mean, std).mean()  # averaged over elements, then over the batch
+    policy_loss = (w * torch.maximum(unclipped, clipped)).sum()
+    kl_ref = (w * kl).sum() if kl is not None else torch.zeros((), device=log_prob.device)
     loss = policy_loss + beta * kl_ref
 
     with torch.no_grad():
         info = {
-            "ratio": ratio.mean().item(),
+            "ratio": (w * ratio).sum(),
             # fraction of samples whose ratio left the trust region
-            "clipfrac": (torch.abs(ratio - 1) > clip_range).float().mean().item(),
+            "clipfrac": (w * (torch.abs(ratio - 1) > clip_range).float()).sum(),
             # ½·E[(log r)²]: a low-variance estimate of KL(π_old ‖ π_θ) (http://joschu.net/blog/kl-approx.html)
-            "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
-            "kl_ref": kl_ref.item(),
-            "policy_loss": policy_loss.item(),
+            "approx_kl": (w * 0.5 * (log_prob - old_log_prob) ** 2).sum(),
+            "kl_ref": kl_ref.detach(),
+            "policy_loss": policy_loss.detach(),
         }
     return loss, info
 
@@ -577,6 +607,8 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
         raise ValueError(f"--mixed_precision must be bf16, fp16 or no, got {cfg.mixed_precision!r}")
     if cfg.log_prob_reduce not in ("mean", "sum"):
         raise ValueError(f"--log_prob_reduce must be mean or sum, got {cfg.log_prob_reduce!r}")
+    if cfg.kl not in KL_FORMS:
+        raise ValueError(f"--kl must be one of {', '.join(KL_FORMS)}, got {cfg.kl!r}")
     ref_factor = 2 if cfg.resolved_beta() > 0 else 1  # the reference forward for the KL
     forwards = batches * cfg.num_steps + cfg.inner_epochs * batches * n_train * ref_factor  # sampling + training
     return BatchPlan(
@@ -716,6 +748,10 @@ class RewardError(RuntimeError):
     """The reward function returned something that must not be trained on."""
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, gradient or sample: stop before it reaches the weights."""
+
+
 def check_rewards(rewards: Tensor, n: int, name: str = "reward") -> Tensor:
     """Stop before any update if a reward is NaN/inf or of the wrong shape (training on it would be garbage)."""
     if not torch.is_tensor(rewards) or rewards.shape != (n,):
@@ -728,12 +764,23 @@ def check_rewards(rewards: Tensor, n: int, name: str = "reward") -> Tensor:
 
 
 def score(reward_fn: Callable, images: Tensor, texts: list[str], meta: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Rewards (n,) and, for a weighted sum (rewards.WeightedReward), its components {name: (n,)}; all checked."""
+    """Rewards (n,), checked, and what to log beside them {key: (n,)}: for a weighted sum (rewards.WeightedReward)
+    each of its rewards (checked too), and the diagnostics a reward adds under "name/key" (NaN where one does not
+    apply to a sample, e.g. GenEval's accuracy per prompt tag; logged as the mean over the others)."""
     n = len(texts)
-    if hasattr(reward_fn, "components"):  # weighted sum: run each reward model once, log the parts, combine
-        parts = {k: check_rewards(v, n, f"reward '{k}'") for k, v in reward_fn.components(images, texts, meta).items()}
-        return check_rewards(reward_fn.combine(parts), n), (parts if len(parts) > 1 else {})
-    return check_rewards(reward_fn(images, texts, meta), n), {}
+    if not hasattr(reward_fn, "components"):
+        return check_rewards(reward_fn(images, texts, meta), n), {}
+    parts = reward_fn.components(images, texts, meta)  # every reward model runs once
+    several = sum("/" not in k for k in parts) > 1
+    logged = {}
+    for k, v in parts.items():
+        if "/" in k:  # a diagnostic: NaN allowed (not applicable), only its shape is checked
+            v = torch.as_tensor(v, dtype=torch.float32).cpu()
+            check_rewards(v.nan_to_num(0.0), n, f"reward '{k}'")
+            logged[k] = v
+        elif several:
+            logged[k] = check_rewards(v, n, f"reward '{k}'")
+    return check_rewards(reward_fn.combine(parts), n), logged
 
 
 @dataclass
@@ -757,22 +804,39 @@ class Samples:
     reward_seconds: float  # time spent decoding and scoring (part of the sampling phase)
     reward_parts: dict[str, Tensor]  # name -> (N,) for a weighted-sum reward
     advantages: Tensor  # (n,)
+    kept_per_batch: Tensor  # (N/b,) how many samples of each batch m have advantage ≠ 0 (all processes' batches)
     cond: dict[str, Tensor]  # the epoch's prompt conditioning, one row per prompt (B, ...)
     sample_ids: Tensor  # (n,) the global ids (0..N−1) of this process's rows
     batches: list[int]  # the batches m (of N/b) this process sampled, in row order
 
 
 class EMA:
-    """Exponential moving average of the trainable weights: w_ema ← d·w_ema + (1 − d)·w."""
+    """Exponential moving average of the trainable weights, with a warm-up of its decay (the reference's ema.py):
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
+        after optimiser step s (s = steps taken so far), if (s + 1) % every == 0:
+            d = min((1 + s)/(10 + s), decay)                 (8/17 ≈ 0.47 at s = 7, reaching 0.9 from s = 80)
+            w_ema ← d·w_ema + (1 − d)·w
+
+    The warm-up lets the EMA forget the initial weights quickly instead of keeping 90% of them per update.
+    The reference calls its EMA step once per training BATCH with the optimiser-step count, so with A batches per
+    optimiser step it applies the same update A times to unchanged weights: an effective decay d^A that depends
+    on how many batches each GPU holds. We apply it once per optimiser step, the decay the schedule states."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
+        self.params, self.decay, self.every = params, decay, every
         self.shadow = [p.detach().clone().float() for p in params]
 
+    def decay_at(self, step: int) -> float:
+        return min((1 + step) / (10 + step), self.decay)
+
     @torch.no_grad()
-    def update(self) -> None:
+    def step(self, step: int) -> None:
+        """Called after every optimiser step with the number of steps taken so far."""
+        if (step + 1) % self.every:
+            return
+        d = self.decay_at(step)
         for s, p in zip(self.shadow, self.params):
-            s.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+            s.mul_(d).add_(p.detach().float(), alpha=1 - d)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -849,6 +913,10 @@ def sample_epoch(
         traj = rollout(
             lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, levels, noise, cfg.log_prob_reduce, cfg.sde_type
         )
+        # a NaN image can still get a finite reward (a JPEG size): never score or train on a diverged model's samples
+        # (no extra stall: the reward reads the images on the host right after)
+        if not bool(torch.isfinite(traj.latents[:, -1]).all()):
+            raise DivergenceError("the sampled latents hold NaN/inf: the model diverged; --resume from an earlier checkpoint")
         t_reward = time.time()
         images = model.decode(traj.latents[:, -1])
         texts, meta = [prompts[i].text for i in idx], [prompts[i].metadata for i in idx]
@@ -875,10 +943,14 @@ def sample_epoch(
         reward_seconds=reward_seconds,
         reward_parts=all_parts,
         advantages=advantages[my_ids],  # (n,)
+        kept_per_batch=(advantages[order].reshape(N // b, b) != 0).sum(dim=1),  # (N/b,)
         cond=cond,
         sample_ids=my_ids,
         batches=my_batches,
     )
+
+
+TRAIN_INFO = ("ratio", "clipfrac", "approx_kl", "kl_ref", "policy_loss")  # grpo_loss's diagnostics, in this order
 
 
 def train_epoch(
@@ -896,85 +968,102 @@ def train_epoch(
     batch it was sampled in, so the first ratio is exactly 1 even for a network whose output depends on the batch
     (the reference's FAQ warns about that for SD3). Optimiser step k accumulates the gradients of batches
     [k·A, (k+1)·A) (A = plan.accumulation); with R processes each does its A/R of them and DDP averages.
+
+    Samples with advantage exactly 0 get weight 0 (section 5). Every kept (sample, step) term of an optimiser step
+    weighs the same, as if the others had been dropped: batch m's loss (a mean over its k_m kept samples) is
+    scaled by R·k_m / (K·S), K the kept samples of the step's batches on all processes, S the trained steps (R:
+    DDP averages over processes). A step with K = 0 is not taken.
+    The diagnostics stay on the device; they and the divergence check are read once per optimiser step.
     Returns the epoch's mean diagnostics (averaged over processes)."""
     rank, world = dist_rank_world()
     params = model.trainable_parameters()
     beta = cfg.resolved_beta()
-    b, acc = cfg.batch_size, plan.accumulation
+    b, acc, S = cfg.batch_size, plan.accumulation, len(s.trained_steps)
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)  # disabled: every call is a pass-through
     device = s.latents.device
     ddp = getattr(model, "net", None) if world > 1 else None
     row_of = {m: i * b for i, m in enumerate(s.batches)}  # batch m → its first row in this process's tensors
-    totals: dict[str, float] = {}
-    count = 0
+    advantages, prompt_index = s.advantages.to(device), s.prompt_index.to(device)  # (n,), moved once
+    sums = torch.zeros(len(TRAIN_INFO) + 1, dtype=torch.float64, device=device)  # Σ k_m·info per term, Σ k_m
+    grad_norms = []
     from tqdm import tqdm
 
-    rounds = [[m for m in range(k * acc, (k + 1) * acc) if m in row_of] for k in range(cfg.optimizer_steps_per_epoch)]
     for _ in range(cfg.inner_epochs):
-        for round_batches in tqdm(rounds, desc="training", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
-            for i, m in enumerate(round_batches):
-                rows = torch.arange(row_of[m], row_of[m] + b)  # (b,)
-                cond_b = select(s.cond, s.prompt_index[rows])
-                adv = s.advantages[rows].to(device)  # (b,) the same advantage at every step of a trajectory
+        for k in tqdm(range(cfg.optimizer_steps_per_epoch), desc="training", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+            kept = int(s.kept_per_batch[k * acc : (k + 1) * acc].sum())  # K, over every process's batches
+            if kept == 0:  # every sample of this step has advantage 0: nothing to learn (every process agrees)
+                continue
+            mine = [m for m in range(k * acc, (k + 1) * acc) if m in row_of]
+            loss_sum = torch.zeros((), device=device)
+            for i, m in enumerate(mine):
+                rows = slice(row_of[m], row_of[m] + b)  # a view, no copy
+                cond_b = select(s.cond, prompt_index[rows])
+                adv = advantages[rows]  # (b,) the same advantage at every step of a trajectory
+                k_m = int(s.kept_per_batch[m])
                 for jj, j in enumerate(s.trained_steps):
-                    # DDP all-reduces gradients on a backward; only the round's last one needs to (no_sync)
-                    last = i == len(round_batches) - 1 and jj == len(s.trained_steps) - 1
+                    # DDP all-reduces gradients on a backward; only the step's last one needs to (no_sync)
+                    last = i == len(mine) - 1 and jj == S - 1
                     with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                        scale = 1 / (len(round_batches) * len(s.trained_steps))
-                        info = train_step(cfg, model, s, rows, j, cond_b, adv, beta, scale, scaler)
-                    for key, val in info.items():
-                        totals[key] = totals.get(key, 0.0) + val
-                    count += 1
+                        loss, info = train_step(cfg, model, s, rows, j, cond_b, adv, beta)
+                        scaler.scale(loss * (world * k_m / (kept * S))).backward()
+                    loss_sum = loss_sum + loss.detach() * k_m
+                    sums += torch.stack([info[key] for key in TRAIN_INFO] + [loss.new_ones(())]).to(sums) * k_m
             scaler.unscale_(optimizer)  # fp16 only: undo the loss scale before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() * len(round_batches) * len(s.trained_steps)
+            # the one host-device sync of an optimiser step: stop before a non-finite update reaches the weights
+            # (under fp16 an overflowing gradient is expected now and then: the scaler skips that step itself)
+            loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
+            if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(norm_value)):
+                raise DivergenceError(
+                    f"optimiser step {k + 1} of this epoch: loss {loss_value}, gradient norm {norm_value}; no update "
+                    f"was applied. Lower --lr (now {cfg.lr:g}) and --resume from the last checkpoint"
+                )
+            grad_norms.append(norm_value)
             scaler.step(optimizer)  # = optimizer.step(), skipped by fp16's scaler if a gradient overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             on_optimizer_step()
-    stats = torch.tensor([totals[k] for k in sorted(totals)] + [count], dtype=torch.float64)
+    stats = torch.cat([sums.cpu(), torch.tensor([sum(grad_norms), len(grad_norms)], dtype=torch.float64)])
     if world > 1:  # every process logs the same numbers: the means over all processes' batches
         stats = all_reduce_sum(stats, device)
-    return {k: (stats[i] / stats[-1]).item() for i, k in enumerate(sorted(totals))}
+        stats[-2:] /= world  # every process saw the same gradient norms
+    out = {key: (stats[i] / stats[len(TRAIN_INFO)]).item() if stats[len(TRAIN_INFO)] > 0 else 0.0 for i, key in enumerate(TRAIN_INFO)}
+    out["grad_norm"] = (stats[-2] / stats[-1]).item() if stats[-1] > 0 else 0.0
+    return out
 
 
 def train_step(
-    cfg: Config, model: FlowModel, s: Samples, rows: Tensor, j: int, cond_b: dict, adv: Tensor, beta: float,
-    scale: float, scaler: torch.amp.GradScaler,
-) -> dict[str, float]:
-    """Loss and backward of denoising step j for the trajectories `rows`; the gradient is scaled by `scale`
-    (1 / the number of (batch, step) terms accumulated into one optimiser step)."""
-    device = s.latents.device
+    cfg: Config, model: FlowModel, s: Samples, rows: slice, j: int, cond_b: dict, adv: Tensor, beta: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of denoising step j for the trajectories `rows` (a mean over those with advantage ≠ 0)."""
     x_j = s.latents[rows, j]  # (b, *D)
     x_next = s.latents[rows, j + 1]  # (b, *D) the action that was taken
-    t = s.sigmas[j].expand(len(rows))  # (b,)
+    t, t_next = s.sigmas[j], s.sigmas[j + 1]
     a = float(s.noise_levels[j])
     ref_mean = None
     if beta > 0:
         # reference policy: the same network with the trainable delta switched off
         with torch.no_grad(), model.reference():
-            v_ref = model.velocity(x_j, t, cond_b)
-        _, _, ref_mean, _ = sde_step(x_j, v_ref, s.sigmas[j], s.sigmas[j + 1], a, x_next, sde_type=cfg.sde_type)
-    v = model.velocity(x_j, t, cond_b)
+            v_ref = model.velocity(x_j, t.expand(len(adv)), cond_b)
+        _, _, ref_mean, _ = sde_step(x_j, v_ref, t, t_next, a, x_next, sde_type=cfg.sde_type)
+    v = model.velocity(x_j, t.expand(len(adv)), cond_b)
     # log π_θ(x_{j+1} | x_j) under the current weights
-    _, log_prob, mean, std = sde_step(
-        x_j, v, s.sigmas[j], s.sigmas[j + 1], a, x_next, reduce=cfg.log_prob_reduce, sde_type=cfg.sde_type
-    )
-    loss, info = grpo_loss(log_prob, s.log_probs[rows, j].to(device), adv, cfg.clip_range, mean, ref_mean, std, beta)
-    # fp16 only: dL/dv is ~1e-8 (a log-prob averaged over 65 536 elements), below fp16's smallest normal number;
-    # the scaler multiplies the loss before backward and divides the gradients before the optimiser step
-    scaler.scale(loss * scale).backward()
-    return info
+    _, log_prob, mean, std = sde_step(x_j, v, t, t_next, a, x_next, reduce=cfg.log_prob_reduce, sde_type=cfg.sde_type)
+    kl = None if ref_mean is None else step_kl(mean, ref_mean, std, t, t_next, cfg.kl, cfg.sde_type)  # (b,)
+    # fp16 only (the caller scales the loss): dL/dv is ~1e-8 (a log-prob averaged over 65 536 elements), below
+    # fp16's smallest normal number, so the scaler multiplies the loss before backward
+    return grpo_loss(log_prob, s.log_probs[rows, j], adv, cfg.clip_range, kl, beta, mask=adv != 0)
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[Prompt], device) -> tuple[Tensor, Tensor]:
+def evaluate(cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[Prompt], device) -> tuple[Tensor, Tensor, dict]:
     """Deterministic evaluation: one ODE sample (a = 0) per prompt with eval_num_steps steps and fixed noise, so
-    evaluations of different epochs differ only by the weights. Returns (rewards (n,), decoded samples)."""
+    evaluations of different epochs differ only by the weights. Returns (rewards (n,), decoded samples, what
+    score() logs beside the rewards {key: (n,)})."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     sigmas = model.schedule(cfg.eval_num_steps).to(device)
     cond = model.encode([p.text for p in prompts])
-    rewards, outputs = [], []
+    rewards, outputs, parts = [], [], []
     for start in range(0, len(prompts), cfg.batch_size):
         idx = torch.arange(start, min(start + cfg.batch_size, len(prompts)))
         cond_b = select(cond, idx)
@@ -982,9 +1071,11 @@ def evaluate(cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[P
         traj = rollout(lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, 0.0, generator)
         decoded = model.decode(traj.latents[:, -1])
         batch = [prompts[i] for i in idx]
-        rewards.append(score(reward_fn, decoded, [p.text for p in batch], [p.metadata for p in batch])[0])
+        r, logged = score(reward_fn, decoded, [p.text for p in batch], [p.metadata for p in batch])
+        rewards.append(r)
+        parts.append(logged)
         outputs.append(decoded.cpu())
-    return torch.cat(rewards), torch.cat(outputs)
+    return torch.cat(rewards), torch.cat(outputs), {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def train(
@@ -1021,7 +1112,7 @@ def train(
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
     )
-    ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+    ema = EMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
     # loss scaling for fp16 networks on a GPU (bf16 has float32's exponent range and needs none)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and torch.device(device).type == "cuda")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
@@ -1036,8 +1127,8 @@ def train(
 
     def after_optimizer_step() -> None:
         state["step"] += 1
-        if ema is not None and state["step"] % cfg.ema_every == 0:
-            ema.update()
+        if ema is not None:
+            ema.step(state["step"])
 
     history = []
     for epoch in range(epoch0, cfg.epochs):
@@ -1047,15 +1138,20 @@ def train(
         epoch_prompts = draw_prompts(prompts, cfg.groups_per_epoch, cfg.seed, epoch)
         samples = sample_epoch(cfg, model, reward_fn, epoch_prompts, generator, device)
         t_sampled = time.time()
-        stats = train_epoch(cfg, plan, model, samples, optimizer, after_optimizer_step, scaler)
+        try:
+            stats = train_epoch(cfg, plan, model, samples, optimizer, after_optimizer_step, scaler)
+        except DivergenceError as e:
+            raise DivergenceError(f"epoch {epoch}, {e}") from None
         t_trained = time.time()
         m: dict[str, Any] = {
             "epoch": epoch,
             "step": state["step"],
             "reward/mean": samples.rewards.mean().item(),
             "reward/std": samples.rewards.std(unbiased=False).item(),
-            **{f"reward/{k}": v.mean().item() for k, v in samples.reward_parts.items()},
+            **{f"reward/{k}": v.nanmean().item() for k, v in samples.reward_parts.items()},
             **{f"policy/{k}": v for k, v in stats.items()},
+            # samples whose group scored all alike (advantage exactly 0): not trained on (section 5)
+            "policy/zero_adv_frac": 1 - samples.kept_per_batch.sum().item() / len(samples.rewards),
             "time/sampling_s": t_sampled - t_start - samples.reward_seconds,
             "time/reward_s": samples.reward_seconds,
             "time/training_s": t_trained - t_sampled,
@@ -1063,15 +1159,16 @@ def train(
         last = epoch == cfg.epochs - 1
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or last):
             with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-                eval_rewards, eval_samples = evaluate(cfg, model, reward_fn, eval_set, device)
+                eval_rewards, eval_samples, eval_parts = evaluate(cfg, model, reward_fn, eval_set, device)
             m["eval/reward_mean"] = eval_rewards.mean().item()
+            m.update({f"eval/{k}": v.nanmean().item() for k, v in eval_parts.items()})
             if on_eval is not None:
                 on_eval(epoch, eval_samples, eval_rewards, eval_set)
         m["time/epoch_s"] = time.time() - t_start
         log(format_line(m))
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
+            with open(metrics_path, "a") as f:  # strict JSON: a value that is not finite is written as null
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in m.items()}, allow_nan=False) + "\n")
         history.append(m)
         if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
             if rank == 0:
@@ -1146,6 +1243,10 @@ def check_out_folder(cfg: Config) -> None:
 
 def save_checkpoint(out: str, epoch: int, step: int, model: FlowModel, optimizer, ema: Optional[EMA], cfg: Config) -> str:
     from safetensors.torch import save_file
+
+    weights = model.trainable_parameters() + (ema.shadow if ema is not None else [])
+    if not all(bool(torch.isfinite(w).all()) for w in weights):  # never replace a good checkpoint with garbage
+        raise DivergenceError(f"epoch {epoch}: the weights hold NaN/inf; checkpoint not written")
 
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -1268,7 +1369,7 @@ class SD3Model(FlowModel):
         self.text_device = torch.device("cpu") if cfg.text_encoders_on_cpu else device
         for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
             _move(enc, self.text_device, dtype)
-        _move(pipe.vae, device, dtype)
+        _move(pipe.vae, device, torch.float32)  # float32 as the reference: rewards read the decoded pixels
         _move(self.transformer, device, dtype)
         # LoRA: W x + (α/r)·B A x with A, B trainable; "gaussian" init draws A ~ N(0, (1/r)²) and sets B = 0, so
         # training starts exactly at the pre-trained model (and the first KL is 0)
@@ -1332,7 +1433,7 @@ class SD3Model(FlowModel):
         vae = self.pipe.vae
         # undo SD3's latent normalisation z = (latent − shift)·scale, then decode to [−1, 1] pixels
         latents = x0 / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(self.dtype), return_dict=False)[0]  # (N, 3, H·8, W·8)
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (N, 3, H·8, W·8)
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -1495,7 +1596,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         train(cfg, model, reward_fn, prompts, device, on_eval=on_eval)
-    except (RewardError, FileNotFoundError) as e:
+    except (RewardError, DivergenceError, FileNotFoundError) as e:
         # under torchrun a non-zero exit of one process makes torchrun stop the others (no rank is left hanging)
         print(f"error (rank {rank}): {e}", file=sys.stderr)
         return 1

@@ -548,7 +548,8 @@ def test_grpo_loss_gradient_at_ratio_one_is_minus_advantage_over_batch():
     loss.backward()
     torch.testing.assert_close(lp.grad, -adv / B, rtol=1e-6, atol=1e-7)
     assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-6)
-    assert info["ratio"] == 1.0 and info["clipfrac"] == 0.0 and info["kl_ref"] == 0.0
+    assert info["ratio"].item() == 1.0 and info["clipfrac"].item() == 0.0 and info["kl_ref"].item() == 0.0
+    assert all(v.ndim == 0 and not v.requires_grad for v in info.values())  # device tensors, read by the caller
 
 
 def test_grpo_loss_clipping_blocks_only_the_pushed_direction():
@@ -569,13 +570,13 @@ def test_grpo_loss_clipping_blocks_only_the_pushed_direction():
     per = torch.maximum(-adv * r, -adv * r.clamp(1 - eps, 1 + eps))
     assert loss.item() == pytest.approx(per.mean().item(), abs=1e-6)
     # clipfrac: the reference's definition, the fraction with |r − 1| > ε (both blocked and live ones)
-    assert info["clipfrac"] == pytest.approx(4 / 6)
-    assert info["ratio"] == pytest.approx(r.mean().item(), rel=1e-6)
-    assert info["approx_kl"] == pytest.approx((0.5 * log_ratio**2).mean().item(), rel=1e-5)
+    assert info["clipfrac"].item() == pytest.approx(4 / 6)
+    assert info["ratio"].item() == pytest.approx(r.mean().item(), rel=1e-6)
+    assert info["approx_kl"].item() == pytest.approx((0.5 * log_ratio**2).mean().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("per_sample_std", [False, True])
-def test_grpo_loss_kl_is_the_gaussian_kl(per_sample_std):
+def test_exact_kl_is_the_gaussian_kl_and_enters_the_loss_with_beta(per_sample_std):
     B, D = 3, (2, 4, 4)
     g = gen(53)
     mean = torch.randn(B, *D, generator=g).requires_grad_(True)
@@ -585,19 +586,78 @@ def test_grpo_loss_kl_is_the_gaussian_kl(per_sample_std):
     adv = torch.randn(B, generator=g)
     beta = 0.04
 
-    # mean == ref_mean: no KL, loss is the policy loss
-    loss0, info0 = fg.grpo_loss(lp, lp, adv, 1e-4, mean=ref_mean, ref_mean=ref_mean, std=std, beta=beta)
-    assert info0["kl_ref"] == 0.0 and loss0.item() == info0["policy_loss"]
-
-    loss, info = fg.grpo_loss(lp, lp, adv, 1e-4, mean=mean, ref_mean=ref_mean, std=std, beta=beta)
+    kl = fg.step_kl(mean, ref_mean, std, 0.5, 0.4, form="exact")  # (B,)
     s = std.expand_as(ref_mean)
-    expected_kl = kl_divergence(Normal(mean.detach(), s), Normal(ref_mean, s)).mean()  # over elements and batch
-    assert info["kl_ref"] == pytest.approx(expected_kl.item(), rel=1e-5)
-    assert loss.item() == pytest.approx(info["policy_loss"] + beta * expected_kl.item(), rel=1e-6)
+    expected = kl_divergence(Normal(mean.detach(), s), Normal(ref_mean, s)).mean(dim=(1, 2, 3))  # per sample
+    torch.testing.assert_close(kl.detach(), expected, rtol=1e-5, atol=0)
+    # the same means: no KL, the loss is the policy loss
+    loss0, info0 = fg.grpo_loss(lp, lp, adv, 1e-4, fg.step_kl(ref_mean, ref_mean, std, 0.5, 0.4, "exact"), beta)
+    assert info0["kl_ref"].item() == 0.0 and loss0.item() == info0["policy_loss"].item()
+
+    loss, info = fg.grpo_loss(lp, lp, adv, 1e-4, kl, beta)
+    assert info["kl_ref"].item() == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(info["policy_loss"].item() + beta * expected.mean().item(), rel=1e-6)
     loss.backward()
     # ∂/∂μ of β·mean((μ − μ_ref)²/(2s²)) = β(μ − μ_ref)/(s²·numel)
     torch.testing.assert_close(mean.grad, beta * (mean.detach() - ref_mean) / (s**2 * mean.numel()),
                                rtol=1e-5, atol=1e-9)
+
+
+def test_reference_kl_divides_by_sigma_t_squared_on_every_step_of_the_sd3_schedule():
+    # the reference's KL, written here from its definition: mean over elements of (μ_θ − μ_ref)² / (2 σ_t²) with
+    # σ_t = a·√(t/(1 − t)), where at t = 1 the (1 − t) uses the first t below 1 (the schedule's t₁)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    ts = sched.sigmas.float()  # (11,) from 1 to 0
+    a, g = 0.7, gen(54)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    v, v_ref = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for j in range(10 - 1):  # every trained step (timestep_fraction 0.99: steps 0..8)
+        t, t_next = ts[j].item(), ts[j + 1].item()
+        _, _, mean, std = fg.sde_step(x, v, t, t_next, a, prev_x=x)
+        _, _, ref_mean, _ = fg.sde_step(x, v_ref, t, t_next, a, prev_x=x)
+        sigma = a * math.sqrt(t / (1 - (ts[1].item() if t == 1 else t)))
+        by_hand = ((mean - ref_mean) ** 2).mean(dim=(1, 2, 3)) / (2 * sigma**2)
+        reference = fg.step_kl(mean, ref_mean, std, t, t_next, "reference")
+        exact = fg.step_kl(mean, ref_mean, std, t, t_next, "exact")
+        # float32: a handful of roundings of numbers of the same sign, so a few ulps (2^-23 ≈ 1.2e-7 each)
+        torch.testing.assert_close(reference, by_hand.float(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(reference / exact, torch.full((2,), t - t_next), rtol=1e-5, atol=0)  # |dt|
+    # CPS: the reference's std_dev_t is the step's own std, so its KL is the exact one
+    _, _, mean, std = fg.sde_step(x, v, 0.5, 0.4, a, prev_x=x, sde_type="cps")
+    _, _, ref_mean, _ = fg.sde_step(x, v_ref, 0.5, 0.4, a, prev_x=x, sde_type="cps")
+    torch.testing.assert_close(fg.step_kl(mean, ref_mean, std, 0.5, 0.4, "reference", "cps"),
+                               fg.step_kl(mean, ref_mean, std, 0.5, 0.4, "exact", "cps"), rtol=0, atol=0)
+
+
+def test_masked_samples_give_the_gradient_of_the_batch_without_them():
+    # a batch of 6 where samples 1, 4 (a constant group: advantage exactly 0) are masked out equals the batch of the
+    # other 4, policy term AND KL term; float32 sums of 4 vs 6 terms of which 2 are exact zeros: equal to ~1 ulp
+    g = gen(55)
+    B, D = 6, (3, 4)
+    lp = torch.randn(B, generator=g)
+    old = lp + 0.05 * torch.randn(B, generator=g)
+    adv = torch.randn(B, generator=g)
+    adv[[1, 4]] = 0.0
+    mean, ref_mean = torch.randn(B, *D, generator=g), torch.randn(B, *D, generator=g)
+    keep = adv != 0
+
+    def grads(rows, mask):
+        lp_ = lp[rows].clone().requires_grad_(True)
+        mean_ = mean[rows].clone().requires_grad_(True)
+        kl = fg.step_kl(mean_, ref_mean[rows], torch.tensor(0.3), 0.5, 0.4)
+        loss, _ = fg.grpo_loss(lp_, old[rows], adv[rows], 0.2, kl, beta=0.5, mask=mask)
+        loss.backward()
+        return loss, lp_.grad, mean_.grad
+
+    loss_all, g_lp, g_mean = grads(torch.arange(B), keep)
+    loss_kept, g_lp_kept, g_mean_kept = grads(keep.nonzero().flatten(), None)
+    torch.testing.assert_close(loss_all, loss_kept, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_lp[keep], g_lp_kept, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(g_mean[keep], g_mean_kept, rtol=1e-6, atol=1e-8)
+    assert (g_lp[~keep] == 0).all() and (g_mean[~keep] == 0).all()  # not pulled by the KL either
 
 
 def test_grpo_loss_bad_input():
@@ -608,10 +668,12 @@ def test_grpo_loss_bad_input():
         fg.grpo_loss(torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3, 1), 0.2)
     with pytest.raises(ValueError, match="clip_range must be > 0"):
         fg.grpo_loss(z, z, z, 0.0)
-    with pytest.raises(ValueError, match="needs mean, ref_mean and std"):
+    with pytest.raises(ValueError, match="needs the per-sample KL"):
         fg.grpo_loss(z, z, z, 0.2, beta=0.1)
     with pytest.raises(ValueError, match="shapes differ"):
-        fg.grpo_loss(z, z, z, 0.2, mean=torch.zeros(3, 2), ref_mean=torch.zeros(3, 3), std=torch.tensor(1.0), beta=0.1)
+        fg.step_kl(torch.zeros(3, 2), torch.zeros(3, 3), torch.tensor(1.0), 0.5, 0.4)
+    with pytest.raises(ValueError, match="kl form"):
+        fg.step_kl(torch.zeros(3, 2), torch.zeros(3, 2), torch.tensor(1.0), 0.5, 0.4, form="paper")
 
 
 # =====================================================================================================================
@@ -808,13 +870,33 @@ def test_cps_is_not_marginal_preserving_for_a_spread_target():
 # =====================================================================================================================
 
 
-def test_ema_update_and_swap():
+def test_ema_warm_up_against_a_hand_computed_sequence():
+    # a scalar weight that equals the step count after each optimiser step; every = 2: updates after steps s with
+    # (s + 1) % 2 == 0, i.e. s = 1, 3, 5, with d = min((1 + s)/(10 + s), 0.35) = 2/11, 4/13, 0.35 (6/15 capped)
+    p = torch.nn.Parameter(torch.tensor([0.0]))
+    ema = fg.EMA([p], decay=0.35, every=2)
+    expected = 0.0
+    for s in range(1, 7):
+        with torch.no_grad():
+            p.fill_(float(s))
+        ema.step(s)
+        if s == 1:
+            expected = 2 / 11 * 0.0 + 9 / 11 * 1.0
+        elif s == 3:
+            expected = 4 / 13 * expected + 9 / 13 * 3.0
+        elif s == 5:
+            expected = 0.35 * expected + 0.65 * 5.0
+        assert ema.shadow[0].item() == pytest.approx(expected, rel=1e-6), s
+    paper = fg.EMA([p], decay=0.9, every=8)  # the paper's setting: first update after step 7, with d = 8/17
+    assert paper.decay_at(7) == pytest.approx(8 / 17) and paper.decay_at(79) < 0.9 and paper.decay_at(80) == 0.9
+
+
+def test_ema_swap_puts_the_average_in_and_the_trained_weights_back():
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     ema = fg.EMA([p], decay=0.9)
     with torch.no_grad():
         p.copy_(torch.tensor([3.0, 0.0]))
-    ema.update()
-    # w_ema ← d·w_ema + (1 − d)·w = 0.9·(1, 2) + 0.1·(3, 0)
+    ema.step(100)  # d = 0.9: w_ema ← 0.9·(1, 2) + 0.1·(3, 0)
     torch.testing.assert_close(ema.shadow[0], torch.tensor([1.2, 1.8]))
     with ema.swapped_in():
         torch.testing.assert_close(p.detach(), torch.tensor([1.2, 1.8]))

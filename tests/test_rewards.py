@@ -6,7 +6,6 @@ and save to a temporary folder, and OCR reads text that PIL renders here.
 
 import io
 import os
-import string
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import rewards
+from tiny_models import save_tiny_clip
 
 # --------------------------------------------------------------------------
 # helpers
@@ -78,7 +78,7 @@ def test_jpeg_value_is_minus_kilobytes_of_pil_jpeg_at_quality_95():
     pixels = (noisy[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    expected = -len(buffer.getvalue()) / 1000
+    expected = -len(buffer.getvalue()) / 1000 / 500  # kB, on the reference's scale (-kB/500)
     assert rewards.jpeg_compressibility(noisy, [""], [{}]).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -128,6 +128,25 @@ def test_normalize_text_lowercases_and_drops_whitespace():
     assert rewards.normalize_text("  Hello,\n  World ") == "hello,world"
 
 
+@pytest.mark.parametrize(
+    "read, target, reward",
+    [
+        ("OPEN", "open", 1.0),  # case does not count
+        ("op en", "OPEN", 1.0),  # nor spaces
+        ("openhours", "open", 1.0),  # the target inside other text: distance 0 (the reference's substring rule)
+        ("Sale: OPEN now", "open", 1.0),
+        ("opne", "open", 0.5),  # 2 edits (swap = 2 substitutions) of 4 letters
+        ("ope", "open", 0.75),  # 1 insertion of 4
+        ("", "open", 0.0),  # nothing read: 4 edits of 4
+        ("xyzxyzxyz", "open", 0.0),  # 9 edits, capped at len(target) = 4: not below 0
+        ("pizza", "pi", 1.0),  # substring again
+        ("qi", "pi", 0.5),
+    ],
+)
+def test_ocr_score_rule_on_constructed_strings(read, target, reward):
+    assert rewards.ocr_score(read, target) == pytest.approx(reward)
+
+
 def test_ocr_reads_rendered_word():
     image = render_word("FLOW")
     images = torch.cat([image, image])
@@ -172,35 +191,7 @@ def test_ocr_missing_tesseract_says_how_to_install(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """Folder with a tiny random CLIPModel, tokenizer and image processor (save_pretrained format)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    try:  # transformers 5 without torchvision: the PIL-backed processor
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # transformers 4
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    # Character-level vocabulary: with no merges, BPE splits every word into
-    # characters, and the last character of a word carries the "</w>" marker.
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits:
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-
-    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, **layers
-        ),
-        vision_config=dict(image_size=32, patch_size=8, **layers),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 PROMPTS = ["a red cat", "two dogs on grass " * 20, "Hello, World! 42"]  # the second is longer than 77 tokens
@@ -230,18 +221,18 @@ def test_pickscore_on_tiny_clip_matches_clip_logits(tiny_clip):
     scores = reward(images, prompts, metadata)
     assert_scores(scores, 3)
     expected, _ = reference_logits(tiny_clip, images, prompts)
-    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, expected / 26, rtol=1e-4, atol=1e-4)  # the reference's scale: logit / 26
     assert not reward.model.training
 
 
-def test_clipscore_on_tiny_clip_is_cosine(tiny_clip):
+def test_clipscore_on_tiny_clip_is_the_logit_over_30(tiny_clip):
     reward = rewards.clipscore(model_id=tiny_clip)
     images, prompts, metadata = clip_batch()
     scores = reward(images, prompts, metadata)
     assert_scores(scores, 3)
-    assert (scores.abs() <= 1).all()
     logits, scale = reference_logits(tiny_clip, images, prompts)
-    torch.testing.assert_close(scores, logits / scale, rtol=1e-4, atol=1e-4)
+    assert (scores.abs() <= scale / 30 + 1e-6).all()  # |cosine| <= 1
+    torch.testing.assert_close(scores, logits / 30, rtol=1e-4, atol=1e-4)  # the reference's scale: logit / 30
 
 
 def test_clip_reward_missing_folder_raises_clear_error(tmp_path):
@@ -265,6 +256,7 @@ def test_clip_reward_empty_folder_raises_runtime_error_with_cause(tmp_path):
 def test_registry_lists_all_rewards():
     assert sorted(rewards.REWARDS) == [
         "clipscore",
+        "geneval",
         "jpeg_compressibility",
         "jpeg_incompressibility",
         "ocr",

@@ -1,13 +1,13 @@
 """Flow-GRPO on a 2D toy: the SAME training loop as SD3.5-M, on a laptop CPU in about 12 seconds.
 
-    python toy/run.py                 # β = 0.3, 60 epochs: writes toy/out/toy.png and toy/out/metrics.json
+    python toy/run.py                 # β = 3, 60 epochs: writes toy/out/toy.png and toy/out/metrics.json
     python toy/run.py --beta 0        # no KL to the pre-trained model: watch the samples leave the data modes
 
 What you should see (seed 0, one CPU core, ~12 s):
     default     reward 0.333 → 0.553 (0.568 is the most a model can earn on its data), samples on their modes
-                97% → 95%, kl_to_ref 0.05
+                97% → 95%, kl_to_ref 0.005
     --beta 0    reward 0.333 → 0.965: every sample has left the data for the reward's peak (0% on their modes),
-                kl_to_ref 4.6. That is reward hacking, and the KL term is what prevents it.
+                kl_to_ref 0.46. That is reward hacking, and the KL term is what prevents it.
     --fast_window 2 / --sde_type cps: the faster variants (flow_grpo.py explains them; README has their numbers)
 
 What happens (each step is a numbered banner below):
@@ -27,7 +27,8 @@ metrics.json (one run; the ODE samples are 256 per prompt from fixed noise, 40 s
     reward_before, reward_after   mean reward of the ODE samples before / after fine-tuning
     reward_best_on_manifold       mean over prompts of the reward at the prompt's better mode (0.568)
     on_manifold_before, _after    fraction of the ODE samples within 3·MODE_STD = 0.3 of one of their prompt's modes
-    kl_to_ref, kl_to_ref_before   ‖μ_θ − μ_ref‖²/(2 std²) per step and coordinate, averaged over the 9 trained steps
+    kl_to_ref, kl_to_ref_before   the penalised KL (--kl reference: |dt|·‖μ_θ − μ_ref‖²/(2 std²)) per step and
+                                  coordinate, averaged over the 9 trained steps
                                   of 1024 fixed-noise SDE trajectories (10 steps, a = --noise_level) of the model:
                                   the quantity the loss penalises (policy/kl_ref), measured after training
     reward_curve                  per epoch, the mean reward of its 64 SDE training samples (train's reward/mean)
@@ -303,15 +304,17 @@ def on_manifold(points: Tensor, prompt_id: Tensor) -> Tensor:
 
 @torch.no_grad()
 def kl_to_reference(
-    model: ToyModel, traj: flow_grpo.Trajectory, prompt_id: Tensor, steps: list[int], sde_type: str = "sde"
+    model: ToyModel, traj: flow_grpo.Trajectory, prompt_id: Tensor, steps: list[int], sde_type: str = "sde",
+    form: str = "reference",
 ) -> float:
     """How far the current model is from the pre-trained one: the KL that the training loss penalises and
-    flow_grpo.train logs as policy/kl_ref, here on fixed-noise SDE trajectories `traj` of the current model,
+    flow_grpo.train logs as policy/kl_ref (flow_grpo.step_kl, `form` as --kl), here on fixed-noise SDE
+    trajectories `traj` of the current model: the mean over the trained steps j and the N samples of
 
-        mean over the trained steps j and the N samples of  ‖μ_θ − μ_ref‖² / (2 std²)   (mean over the 2 coordinates)
+        exact:      ‖μ_θ − μ_ref‖² / (2 std²)   (mean over the 2 coordinates);    reference: |dt| times that
 
     with μ_θ, μ_ref the means of the step Gaussians of the current and the reference model at the visited x_j,
-    both computed by flow_grpo.sde_step. 0 for the pre-trained model; it is the trajectory KL
+    both computed by flow_grpo.sde_step. 0 for the pre-trained model; the exact form is the trajectory KL
     KL(p_θ(x_0:T) ‖ p_ref(x_0:T)) divided by 2·len(steps) (a sum over steps and coordinates of the same terms)."""
     cond = {"prompt_id": prompt_id}
     kls = []
@@ -325,7 +328,7 @@ def kl_to_reference(
             v_ref = model.velocity(x_j, t, cond)  # (N, 2)
         _, _, ref_mean, _ = flow_grpo.sde_step(x_j, v_ref, t_j, t_next, a, x_next, sde_type=sde_type)
         # the training loss's own KL formula                                                      (N,) -> scalar
-        kls.append(flow_grpo.gaussian_kl(mean, ref_mean, std).mean().item())
+        kls.append(flow_grpo.step_kl(mean, ref_mean, std, t_j, t_next, form, sde_type).mean().item())
     return sum(kls) / len(kls)
 
 
@@ -343,7 +346,7 @@ def measure(model: ToyModel, cfg: flow_grpo.Config) -> dict:
         "prompt_id": prompt_id,
         "reward": toy_reward(points, [], []).mean().item(),
         "on_manifold": on_manifold(points, prompt_id).float().mean().item(),
-        "kl_to_ref": kl_to_reference(model, sde, sde_prompt_id, trained_steps, cfg.sde_type),
+        "kl_to_ref": kl_to_reference(model, sde, sde_prompt_id, trained_steps, cfg.sde_type, cfg.kl),
     }
 
 
@@ -361,7 +364,7 @@ def measure(model: ToyModel, cfg: flow_grpo.Config) -> dict:
 #     β = 0     reward 0.80–0.99, 0% on their modes: every sample moved to the reward's peak; kl_to_ref 3.2–4.8
 #     β = 0.3   reward 0.50–0.55, 92–95% on their modes;                                      kl_to_ref 0.04–0.07
 #     β = 1     reward 0.40–0.45 (about half the gain), 92–96% on their modes;                kl_to_ref 0.01–0.02
-TOY_BETA = 0.3
+TOY_BETA = 3.0
 
 
 def toy_config(args: argparse.Namespace) -> flow_grpo.Config:

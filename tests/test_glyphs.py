@@ -1,42 +1,49 @@
 """Tests for toy/glyphs.py: Flow-GRPO teaching a small flow model to write digits, judged by a held-out classifier.
 
 One short seeded run (β = the default, SHORT_EPOCHS epochs, no β = 0 run) is made once for the module; the first
-checks read its metrics and files. The rest are cheap unit checks: the renderer is deterministic by seed, the
-reward is a pure function of images and prompts, the writer's x̂₀ stays in the data range, the distance measure
-against hand-computed values.
+checks read its metrics and files; their thresholds come from the spread of the default runs over seeds 0–4. The
+rest are cheap unit checks: the renderer is deterministic by seed, the reward is a pure function of images and
+prompts, the writer's x̂₀ stays in the data range, the distance and diversity measures against hand-computed
+values.
 """
 
 import json
-import math
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from toy import glyphs
 
 SEED = 0
-SHORT_EPOCHS = 10  # FILLED IN
+# 11 epochs: ~20 s of CPU with the set-up (rendering, two classifiers, pre-training); the default run uses 80.
+# 11 and not 10 so that the numbers below can be read off the default runs' evaluation after epoch 11 (the training
+# is the same computation whatever --epochs and --eval_every are).
+SHORT_EPOCHS = 11
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("glyphs"))
-    argv = ["--seed", str(SEED), "--epochs", str(SHORT_EPOCHS), "--eval_every", "0", "--no_beta0", "--quiet", "--out", out]
-    return glyphs.run(argv), out
+    argv = ["--seed", str(SEED), "--epochs", str(SHORT_EPOCHS), "--eval_every", "0", "--no_beta0", "--quiet"]
+    return glyphs.run(argv + ["--out", out]), out
 
 
 def test_short_run_raises_heldout_accuracy(short_run):
     m, _ = short_run
-    # the pre-trained writer is mediocre on purpose: FILLED IN
+    # the pre-trained writer is mediocre on purpose: 0.52–0.59 held-out accuracy over seeds 0–4
     assert 0.4 <= m["heldout_accuracy_before"] <= 0.7
-    # FILLED IN: the gain over seeds 0-4
+    # after 11 epochs, over seeds 0–4: held-out accuracy +0.136 to +0.254, reward +0.185 to +0.238
     assert m["heldout_accuracy_after"] > m["heldout_accuracy_before"] + 0.1
-    assert m["reward_after"] > m["reward_before"]
-    # the classifiers read real glyphs (from a seed none of them was trained on) almost perfectly
+    assert m["reward_after"] > m["reward_before"] + 0.1
+    # ... without leaving the data: the distance to the nearest real glyph changed by −0.022 to −0.005
+    assert m["distance_to_data_after"] < m["distance_to_data_before"] + 0.01
+    # the classifiers read fresh real glyphs almost perfectly (0.985–0.996 over seeds 0–4)
     assert m["ocr_accuracy_real"] > 0.97 and m["heldout_accuracy_real"] > 0.97
+    # the KL to the pre-trained writer is what β penalises: positive once the writer has moved, and small
+    # (0.0036 after these 11 epochs on seed 0; 0.0042–0.0046 after 80 epochs over seeds 0–4)
+    assert 0 < m["kl_to_ref"] < 0.01
 
 
 def test_outputs_are_written(short_run):
@@ -115,7 +122,9 @@ def test_reward_is_the_classifier_probability_of_the_prompted_digit(reward):
     digits = [4, 0, 9, 4, 7]
     # softmax by hand: p_d = exp(l_d) / Σ_k exp(l_k)
     expected = torch.stack([logits[i, d].exp() / logits[i].exp().sum() for i, d in enumerate(digits)])
-    torch.testing.assert_close(reward(images, [str(d) for d in digits], [{}] * 5).double(), expected, rtol=1e-5, atol=1e-7)
+    got = reward(images, [str(d) for d in digits], [{}] * 5).double()
+    # float32 softmax against float64: a few ulp (~1e-7) relative error, well inside 1e-5
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_reward_rejects_prompts_that_are_not_digits(reward):
@@ -165,3 +174,11 @@ def test_distance_to_data_against_hand_computed_values():
     d = glyphs.distance_to_data(images, torch.tensor([0, 1]), reference, reference_digits)
     # digit 0: nearest is the full glyph, RMS |0.9 − 1| = 0.1; digit 1: only the 0.5 glyph counts, RMS 0.4
     torch.testing.assert_close(d, torch.tensor([0.1, 0.4]), rtol=0, atol=1e-4)  # cdist in float32: ~1e-6 relative
+
+
+def test_diversity_against_hand_computed_values():
+    s = glyphs.SIZE
+    images = torch.stack([torch.full((1, s, s), value) for value in (0.0, 0.6, 0.3, 0.3)])
+    # digit 0: its two glyphs differ by 0.6 everywhere (RMS 0.6); digit 1: two identical glyphs (0); mean 0.3
+    d = glyphs.diversity(images, torch.tensor([0, 0, 1, 1]))
+    assert d == pytest.approx(0.3, abs=1e-5)  # cdist in float32: ~1e-6 relative

@@ -28,12 +28,13 @@ Reading order (each section is a numbered banner below):
     7. The model interface the training loop talks to
     8. Many processes (torchrun): who samples what, how rewards are shared
     9. The training loop, shared by the toy and SD3.5-M
-   10. Checkpoints: atomic, safetensors only, resumable
+   10. Checkpoints: atomic, safetensors only, checked, resumable (what a resumed run may change)
    11. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
-   12. Prompts, evaluation grid, command line
+   12. Prompts and the held-out evaluation set, checks before the model loads, command line
 
-Importing this file is cheap: torch only. diffusers, transformers, peft and the rewards are imported inside the
-functions that need them, so the toy and the tests of the math never pay for them.
+Importing this file is cheap: torch only (and runfiles.py, the checked file plumbing: standard library). diffusers,
+transformers, peft and the rewards are imported inside the functions that need them, so the toy and the tests of
+the math never pay for them.
 """
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,6 +72,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+# the files a run reads and writes, checked (plumbing kept out of this file; standard library only)
+from runfiles import (
+    PROMPT_SETS, CheckpointError, atomic_write_text, claim_metrics, file_manifest, lock_out_folder,
+    newest_intact_checkpoint, prompt_file, read_checkpoint, read_prompts, save_grid,
+)  # fmt: skip
+
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -90,7 +97,7 @@ class Config:
     # --- what to train ---
     model: str = "sd3.5-medium"  # "sd3.5-medium", "tiny-random", a hub id or a local diffusers folder
     reward: str = "pickscore"  # a name from rewards.py, or a weighted sum "ocr=0.5,pickscore=0.5"
-    prompts: str = "general"  # a shipped set (general, ocr, geneval) or a .txt / .jsonl file
+    prompts: str = "general"  # a shipped set (general, ocr, geneval), a folder like the reference's dataset/ocr, a file
     out: str = "runs/flow_grpo"  # run folder: metrics.jsonl, eval grids, checkpoints
     seed: int = 42  # seeds prompts, noise and LoRA init
     # --- sampling (paper: 10 steps to train, 40 to evaluate, CFG 4.5, a = 0.7) ---
@@ -131,13 +138,17 @@ class Config:
     # --- run ---
     epochs: int = 100  # sampling + training rounds
     eval_every: int = 10  # evaluate (ODE, eval_num_steps) every this many epochs; 0 = never
-    eval_prompts: int = 8  # prompts in an evaluation grid
+    eval_prompts: str = ""  # held-out prompts: a file, or a set/folder (its test split); "" = test split of --prompts
+    eval_count: int = 16  # evaluate on at most this many of them (a fixed seeded draw); 0 = all
     save_every: int = 10  # checkpoint every this many epochs (and at the end); 0 = only at the end
-    resume: bool = False  # continue from the latest checkpoint in --out
+    resume: str = ""  # --resume: continue from the latest checkpoint in --out; --resume PATH: from that checkpoint
     mixed_precision: str = "bf16"  # "bf16", "fp16" or "no": dtype of the frozen weights on a GPU (CPU: float32)
     gradient_checkpointing: bool = False  # trade compute for activation memory in the transformer
     text_encoders_on_cpu: bool = False  # keep CLIP-L, CLIP-G and T5-XXL on the CPU (saves ~11 GB of GPU memory)
+    reward_models: str = ""  # where reward models live: "geneval.detector_id=/m/m2f,pickscore.model_id=/m/ps"
     max_sequence_length: int = 128  # T5 tokens per prompt (the reference's 128; diffusers' default is 256)
+    cpu: bool = False  # run on the CPU (float32) even where a GPU exists; under torchrun every process, with gloo
+    dist_timeout_s: float = 600.0  # torchrun: a rank that does not answer for this long ends the run (not a hang)
 
     def resolved_beta(self) -> float:
         if self.beta is not None:
@@ -556,9 +567,23 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
     world = dist_rank_world()[1] if world_size is None else world_size
     if cfg.group_size < 2:
         raise ValueError(f"--group_size must be >= 2: GRPO compares samples within a group (got {cfg.group_size})")
-    for name in ("groups_per_epoch", "batch_size", "optimizer_steps_per_epoch", "inner_epochs", "num_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    def need(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"--{name} must be {rule}, got {getattr(cfg, name)}")
+
+    for f in dataclasses.fields(cfg):  # a NaN flag would pass every comparison below (they are all False)
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f.name, "a finite number")
+    for name in ("groups_per_epoch", "batch_size", "optimizer_steps_per_epoch", "inner_epochs", "num_steps", "epochs",
+                 "eval_num_steps", "resolution", "lora_rank", "ema_every", "max_sequence_length"):  # fmt: skip
+        need(getattr(cfg, name) >= 1, name, ">= 1")
+    for name in ("eval_every", "save_every", "eval_count", "fast_window", "lr", "weight_decay"):
+        need(getattr(cfg, name) >= 0, name, ">= 0")
+    for name in ("clip_range", "adv_clip", "max_grad_norm", "lora_alpha", "adam_eps"):
+        need(getattr(cfg, name) > 0, name, "> 0")
+    for name in ("ema_decay", "adam_beta1", "adam_beta2"):
+        need(0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
+    need(cfg.beta is None or cfg.beta >= 0, "beta", ">= 0")
     if cfg.noise_level <= 0:
         raise ValueError(f"--noise_level must be > 0 to train (a = 0 is the deterministic ODE), got {cfg.noise_level}")
     n = cfg.groups_per_epoch * cfg.group_size
@@ -690,19 +715,29 @@ def dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> Optional[torch.device]:
+def init_distributed(cpu: bool = False, timeout_s: float = 600.0) -> Optional[torch.device]:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); returns this process's
-    device, or None when running alone."""
+    device, or None when running alone. One GPU per process (NCCL), or every process on the CPU (gloo) when there
+    is no GPU or `cpu` is set. A collective that waits longer than `timeout_s` for a rank raises instead of hanging."""
+    import datetime
+
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    if torch.cuda.is_available():
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if torch.cuda.is_available() and not cpu:
+        procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])), torch.cuda.device_count()
+        if procs > gpus:  # checked before touching a device: `cuda:<rank>` would fail with "invalid device ordinal"
+            raise ValueError(
+                f"torchrun started {procs} processes on this machine but it has {gpus} visible GPU(s): run "
+                f"torchrun --nproc_per_node {gpus} (one process per GPU), or add --cpu to run every process on the CPU"
+            )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
         return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return torch.device("cpu")
 
 
@@ -787,6 +822,7 @@ def score(reward_fn: Callable, images: Tensor, texts: list[str], meta: list[dict
 class Prompt:
     text: str
     metadata: dict = field(default_factory=dict)
+    source: str = ""  # "file:line" it was read from, for error messages
 
 
 @dataclass
@@ -1086,23 +1122,25 @@ def train(
     device: str | torch.device = "cpu",
     log: Callable[[str], None] = print,
     on_eval: Optional[Callable[[int, Tensor, Tensor, list[Prompt]], None]] = None,
+    eval_prompts: Optional[list[Prompt]] = None,
 ) -> list[dict]:
     """Flow-GRPO. For each epoch: draw B prompts, sample G trajectories each with the SDE, score them, compute
     group advantages, then take clipped policy-gradient steps on the stored trajectories. Writes metrics.jsonl
-    and checkpoints into cfg.out. Returns the per-epoch metrics.
+    and checkpoints into cfg.out. Returns the per-epoch metrics. Evaluation uses `eval_prompts` (the command
+    line passes held-out ones), or the training prompts if None (the toy: its 4 prompts are its whole world).
 
     Under torchrun (torch.distributed initialised) every process runs this same function: see section 8."""
     rank, world = dist_rank_world()
     plan = plan_batches(cfg, world)
     if not prompts:
         raise ValueError("the prompt list is empty: give --prompts a file with at least one prompt")
-    check_out_folder(cfg)
+    if rank == 0:
+        lock_out_folder(cfg.out)  # one run per output folder
+    resume = check_out_folder(cfg)  # (checkpoint, its state) to continue from, or None for a fresh run
     if rank != 0:
         log = lambda line: None  # noqa: E731  only rank 0 prints, writes metrics, images and checkpoints
         on_eval = None
     log(plan.describe(cfg))
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
     if world > 1 and not isinstance(model.net, torch.nn.parallel.DistributedDataParallel):
         # DDP averages the gradients over processes on backward (and starts every process from rank 0's weights).
         # No buffers to broadcast: the frozen networks have none that change, and evaluation runs everywhere.
@@ -1117,12 +1155,14 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and torch.device(device).type == "cuda")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     epoch0, step = 0, 0
-    if cfg.resume:
-        epoch0, step = load_checkpoint(cfg.out, model, optimizer, ema)
-        log(f"resumed from {latest_checkpoint(cfg.out)}: epoch {epoch0}, optimiser step {step}")
-        if rank == 0:
-            forget_metrics_after(metrics_path, epoch0)
-    eval_set = draw_prompts(prompts, min(cfg.eval_prompts, len(prompts)), cfg.seed, epoch=-1)
+    if resume:
+        epoch0, step = load_checkpoint(resume, model, optimizer, ema, cfg)
+        changed = compare_to_checkpoint(resume[1]["config"], cfg)[1]
+        log(f"resumed from {resume[0]}: epoch {epoch0}, optimiser step {step}" + "".join(f"; now {c}" for c in changed))
+    if rank == 0:
+        claim_metrics(metrics_path, epoch0 if resume else None, log)
+    pool = eval_prompts or prompts
+    eval_set = draw_prompts(pool, min(cfg.eval_count or len(pool), len(pool)), cfg.seed, epoch=-1)
     state = {"step": step}
 
     def after_optimizer_step() -> None:
@@ -1183,37 +1223,39 @@ def train(
 def format_line(m: dict) -> str:
     """The fixed-format progress line, one per epoch."""
     line = (
-        f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.4f} ± {m['reward/std']:.4f}"
+        f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.5g} ± {m['reward/std']:.3g}"
         f" | kl_ref {m.get('policy/kl_ref', 0):.3e} | clipfrac {m.get('policy/clipfrac', 0):.3f}"
         f" | approx_kl {m.get('policy/approx_kl', 0):.2e} | ratio {m.get('policy/ratio', 1):.4f}"
     )
     if "eval/reward_mean" in m:
-        line += f" | eval {m['eval/reward_mean']:+.4f}"
+        line += f" | eval {m['eval/reward_mean']:+.5g}"
     return line + f" | {m['time/epoch_s']:.1f}s"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 10. Checkpoints: atomic, safetensors only, resumable ---
+# --- 10. Checkpoints: atomic, safetensors only, checked, resumable; one run per output folder ---
 # ----------------------------------------------------------------------------------------------------------------
 # <out>/checkpoints/epoch-000010/
 #     lora/                  the trained weights (SD3: pytorch_lora_weights.safetensors for load_lora_weights)
 #     ema/                   the EMA weights, same format (if --ema)
 #     trainer_state.safetensors   optimiser moments and EMA shadow tensors
-#     trainer_state.json          epoch, optimiser step, optimiser hyper-parameters, the config
+#     trainer_state.json          epoch, optimiser step, optimiser hyper-parameters, the config, and the size and
+#                                 SHA-256 of every other file (a damaged file is named before anything loads)
 # <out>/checkpoints/latest   the name of the newest complete checkpoint
+# <out>/.lock                locked (flock) by the run writing into <out>
 # A checkpoint is written into a temporary folder and renamed into place, and `latest` is replaced atomically,
 # so a crash mid-save leaves the previous checkpoint and pointer untouched. The last KEEP checkpoints are kept.
 
 KEEP_CHECKPOINTS = 2
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
+# What a resumed run may change: how the optimiser steps, how long the run goes, what it saves and where things
+# live. Any other difference from the checkpoint's config (model, LoRA shape, group size, batch plan, sampler,
+# noise level, seed, reward, prompts, evaluation set, ...) would continue a different experiment under the old
+# one's name, so --resume refuses it and lists the differences.
+CHANGEABLE_ON_RESUME = (
+    "lr", "adam_beta1", "adam_beta2", "weight_decay", "adam_eps", "max_grad_norm",
+    "epochs", "eval_every", "save_every", "gradient_checkpointing", "text_encoders_on_cpu", "reward_models",
+    "dist_timeout_s",
+)  # fmt: skip
 
 
 def latest_checkpoint(out: str) -> Optional[str]:
@@ -1223,22 +1265,63 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return os.path.join(out, "checkpoints", open(pointer).read().strip())
 
 
-def forget_metrics_after(path: str, epoch: int) -> None:
-    """Drop the metrics of epochs >= `epoch`: a run that crashed after its last checkpoint logged epochs that the
-    resumed run is about to redo."""
-    if os.path.exists(path):
-        lines = [line for line in open(path) if line.strip() and json.loads(line)["epoch"] < epoch]
-        _atomic_write_text(path, "".join(lines))
+def compare_to_checkpoint(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(forbidden, allowed): the settings of cfg that differ from the checkpoint's config `saved`, as
+    "--name old -> new", split by CHANGEABLE_ON_RESUME. A field the checkpoint lacks counts as its default."""
+    forbidden, allowed = [], []
+    for f in dataclasses.fields(Config):
+        old, new = saved.get(f.name, f.default), getattr(cfg, f.name)
+        if old != new and f.name not in ("resume", "out"):  # these two name the run, they always may differ
+            (allowed if f.name in CHANGEABLE_ON_RESUME else forbidden).append(f"--{f.name} {old!r} -> {new!r}")
+    return forbidden, allowed
 
 
-def check_out_folder(cfg: Config) -> None:
-    """A fresh run in a folder holding another run's checkpoints would prune them and append to its metrics:
-    refuse (never lose a checkpoint). --resume is how to continue that run."""
-    if not cfg.resume and latest_checkpoint(cfg.out) is not None:
+def check_out_folder(cfg: Config) -> Optional[tuple[str, dict]]:
+    """What --out and --resume allow, checked before anything is loaded or written. A fresh run refuses a folder
+    holding a run's checkpoints (it would prune them) and returns None. --resume returns (checkpoint folder, its
+    trainer_state) once the checkpoint is checked whole and its settings agree with cfg; a damaged file or a
+    `latest` that points nowhere is named with the newest intact checkpoint and how to resume from it."""
+    root = os.path.join(cfg.out, "checkpoints")
+    names = sorted(d for d in os.listdir(root) if d.startswith("epoch-")) if os.path.isdir(root) else []
+    if not cfg.resume:
+        if names:
+            raise FileExistsError(
+                f"{cfg.out} already holds a run's checkpoints ({os.path.join(root, names[-1])}): pass --resume to "
+                f"continue it, or choose another --out"
+            )
+        return None
+    latest = cfg.resume is True or cfg.resume == "latest"  # True: Config built in code with the old bool flag
+    pointer = os.path.join(root, "latest")
+    name = open(pointer).read().strip() if latest and os.path.isfile(pointer) else ""
+    if latest and not name and not names:
+        raise FileNotFoundError(f"--resume: no checkpoint found under {root}")
+    path = os.path.join(root, name) if latest else os.path.normpath(cfg.resume)
+    if not latest and names and os.path.realpath(os.path.dirname(path)) != os.path.realpath(root):
         raise FileExistsError(
-            f"{cfg.out} already holds a run's checkpoints ({latest_checkpoint(cfg.out)}): pass --resume to "
-            f"continue it, or choose another --out"
+            f"--resume {path} is not a checkpoint of --out {cfg.out}, which holds a run of its own: continuing "
+            f"another run there would mix the two; choose another --out"
         )
+    try:
+        if latest and not name:
+            raise CheckpointError(f"{pointer}: missing or empty")
+        meta = read_checkpoint(path)
+    except CheckpointError as e:
+        intact = newest_intact_checkpoint(os.path.dirname(path))
+        how = f"the newest intact checkpoint is {intact}: resume from it with --resume {intact}" if intact else (
+            "no intact checkpoint is left beside it: start a fresh run in another --out")
+        named = f" ({pointer} names {name})" if latest and name else ""
+        raise CheckpointError(f"cannot resume{named}: {e}\n  {how}") from None
+    forbidden, _ = compare_to_checkpoint(meta["config"], cfg)
+    if forbidden:
+        raise CheckpointError(
+            f"--resume {path}: these settings differ from the checkpoint's and cannot change in a resumed run:\n    "
+            + "\n    ".join(forbidden) + f"\n  pass the checkpoint's values (its trainer_state.json lists them), or "
+            f"start a fresh run in another --out. A resumed run may change --{', --'.join(CHANGEABLE_ON_RESUME)}."
+        )
+    if meta["epoch"] >= cfg.epochs:
+        raise ValueError(f"--resume {path}: the checkpoint ends epoch {meta['epoch']} of --epochs {cfg.epochs}: "
+                         f"nothing is left to train; pass a larger --epochs")  # fmt: skip
+    return path, meta
 
 
 def save_checkpoint(out: str, epoch: int, step: int, model: FlowModel, optimizer, ema: Optional[EMA], cfg: Config) -> str:
@@ -1269,30 +1352,28 @@ def save_checkpoint(out: str, epoch: int, step: int, model: FlowModel, optimizer
         for i, s in enumerate(ema.shadow):
             tensors[f"ema.{i}"] = s.cpu().contiguous()
     save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
-    meta = {"epoch": epoch, "step": step, "param_groups": opt["param_groups"], "config": dataclasses.asdict(cfg)}
-    _atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
-    for folder, _, files in os.walk(tmp):  # on disk before the rename, so the rename never exposes a half-written file
-        for file in files:
-            with open(os.path.join(folder, file), "rb") as f:
-                os.fsync(f.fileno())
+    files = file_manifest(tmp)  # sizes and SHA-256 (each file fsync-ed): a damaged file is named on --resume
+    meta = {"epoch": epoch, "step": step, "param_groups": opt["param_groups"], "config": dataclasses.asdict(cfg), "files": files}
+    atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _atomic_write_text(os.path.join(root, "latest"), name)
+    atomic_write_text(os.path.join(root, "latest"), name)
     for old in sorted(d for d in os.listdir(root) if d.startswith("epoch-"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(os.path.join(root, old))
     return final
 
 
-def load_checkpoint(out: str, model: FlowModel, optimizer, ema: Optional[EMA]) -> tuple[int, int]:
-    """Restore weights, optimiser and EMA from the latest checkpoint in `out`; returns (next epoch, step)."""
+def load_checkpoint(checkpoint: tuple[str, dict], model: FlowModel, optimizer, ema: Optional[EMA], cfg: Config) -> tuple[int, int]:
+    """Restore weights, optimiser and EMA from a checkpoint check_out_folder accepted; returns (next epoch, step).
+    The optimiser's hyper-parameters come from cfg, not from the checkpoint: a changed --lr takes effect."""
     from safetensors.torch import load_file
 
-    path = latest_checkpoint(out)
-    if path is None or not os.path.isdir(path):
-        raise FileNotFoundError(f"--resume: no checkpoint found under {os.path.join(out, 'checkpoints')}")
-    model.load_weights(os.path.join(path, "lora"))
-    meta = json.load(open(os.path.join(path, "trainer_state.json")))
-    tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
+    path, meta = checkpoint
+    try:
+        model.load_weights(os.path.join(path, "lora"))
+        tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
+    except Exception as e:  # checked whole, yet not this model's (written by other code, or edited by hand)
+        raise CheckpointError(f"{path}: does not load into this model ({type(e).__name__}: {e})") from e
     state: dict[int, dict[str, Tensor]] = {}
     for key, v in tensors.items():
         kind, i, *rest = key.split(".")
@@ -1302,9 +1383,9 @@ def load_checkpoint(out: str, model: FlowModel, optimizer, ema: Optional[EMA]) -
     for g in groups:
         g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for g in optimizer.param_groups:  # load_state_dict restored the saved hyper-parameters: the command line's win
+        g.update(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     if ema is not None:
-        if "ema.0" not in tensors and ema.shadow:
-            raise ValueError(f"{path} holds no EMA weights; resume with --no-ema or from a run that used --ema")
         for i, s in enumerate(ema.shadow):
             s.copy_(tensors[f"ema.{i}"])
     return meta["epoch"], meta["step"]
@@ -1462,56 +1543,47 @@ class SD3Model(FlowModel):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 12. Prompts, evaluation grid, command line ---
+# --- 12. Prompts and the held-out evaluation set, checks before the model loads, command line ---
 # ----------------------------------------------------------------------------------------------------------------
 
-PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
-PROMPT_SETS = {"general": "general.txt", "ocr": "ocr.jsonl", "geneval": "geneval.jsonl"}
+def load_prompts(spec: str, split: str = "train") -> list[Prompt]:
+    """The `split` ("train" or "test") of a prompt set: a shipped set (general, ocr, geneval: prompts/), a folder
+    laid out as the reference's dataset/<name>/ (train.txt, test.txt or *_metadata.jsonl), or one .txt file (one
+    prompt per line) or .jsonl file (one {"prompt": ..., <metadata>...} object per line), its whole set."""
+    return [Prompt(text, meta, source) for text, meta, source in read_prompts(prompt_file(spec, split))]
 
 
-def load_prompts(spec: str) -> list[Prompt]:
-    """A shipped set name (general, ocr, geneval), a .txt file (one prompt per line) or a .jsonl file (one
-    {"prompt": ..., <metadata>...} object per line)."""
-    path = os.path.join(PROMPT_DIR, PROMPT_SETS[spec]) if spec in PROMPT_SETS else spec
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--prompts {spec!r}: no such file (or a shipped set: {', '.join(PROMPT_SETS)})")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    row = json.loads(line)
-                    prompts.append(Prompt(row.pop("prompt"), row))
-                except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                    raise ValueError(f'{path}:{n}: expected a JSON object with a "prompt" key ({e})') from e
-            else:
-                prompts.append(Prompt(line.strip()))
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts: write one prompt per line (.txt) or per JSON line (.jsonl)")
-    return prompts
+def eval_prompt_set(cfg: Config) -> list[Prompt]:
+    """The held-out prompts evaluation uses: --eval_prompts (a file: all of it; a set or folder: its test split), by
+    default the test split of --prompts. Never the training prompts, unless --eval_prompts names them."""
+    if not cfg.eval_every:
+        return []
+    if not cfg.eval_prompts and os.path.isfile(cfg.prompts):
+        raise ValueError(
+            f"--prompts {cfg.prompts} is a single file, so it has no held-out test split (and evaluating on training "
+            f"prompts measures memorisation): pass --eval_prompts with a file of other prompts or a shipped set, or "
+            f"--eval_every 0"
+        )
+    return load_prompts(cfg.eval_prompts or cfg.prompts, "test")
 
 
-def save_grid(path: str, images: Tensor, prompts: list[Prompt], rewards: Tensor, columns: int = 4) -> None:
-    """A PNG grid of evaluation images, each captioned with its prompt and reward."""
-    from PIL import Image, ImageDraw
+def check_reward(reward_fn: Callable, cfg: Config, prompts: list[Prompt]) -> None:
+    """Fail before the big model loads: every prompt suits the reward (OCR: each has a target text), and one call
+    on blank images with the first prompts and their metadata loads the reward models and returns valid rewards."""
+    import rewards
 
-    n, _, h, w = images.shape
-    tile_w, caption = max(w, 192), 28
-    rows = math.ceil(n / columns)
-    grid = Image.new("RGB", (columns * tile_w, rows * (h + caption)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i in range(n):
-        arr = (images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-        x, y = (i % columns) * tile_w, (i // columns) * (h + caption)
-        grid.paste(Image.fromarray(arr), (x + (tile_w - w) // 2, y))
-        text = prompts[i].text if len(prompts[i].text) <= 30 else prompts[i].text[:29] + "…"
-        draw.text((x + 2, y + h + 1), text, fill="black")
-        draw.text((x + 2, y + h + 14), f"reward {rewards[i].item():+.4f}", fill="black")
-    tmp = path + ".tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
+    if "ocr" in rewards.parse_spec(cfg.reward):
+        for p in prompts:
+            try:
+                rewards.ocr_target(p.text, p.metadata)
+            except ValueError as e:
+                raise ValueError(f"{p.source}: {e}" if p.source else str(e)) from None
+    first = prompts[: cfg.batch_size]
+    blank = torch.full((len(first), 3, cfg.resolution, cfg.resolution), 0.5)  # (k, 3, H, W) mid-grey
+    try:
+        score(reward_fn, blank, [p.text for p in first], [p.metadata for p in first])
+    except Exception as e:  # a model that cannot load, a missing program, a reward that rejects the metadata
+        raise RewardError(f"--reward {cfg.reward} fails on a blank image with the first prompts: {e}") from e
 
 
 # --model tiny-random is a laptop demo of the real path: the paper's sizes would take hours on a CPU even for a
@@ -1520,7 +1592,7 @@ PRESETS = {
     "tiny-random": dict(
         resolution=32,  # the tiny VAE: 32 px images, 4x16x16 latents
         group_size=8, groups_per_epoch=4, batch_size=16, epochs=10,  # 32 images/epoch in 2 batches
-        eval_num_steps=20, eval_every=5, eval_prompts=4, save_every=5,
+        eval_num_steps=20, eval_every=5, eval_count=4, save_every=5,
         # A random model's JPEG sizes differ by a few bytes between samples, so the signal per epoch is weak: larger
         # steps (lr 3e-2 instead of 3e-4, clip range 1e-2 instead of 1e-4) make the rise visible in 10 epochs.
         lr=3e-2, clip_range=1e-2,
@@ -1540,7 +1612,9 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     comments = _field_comments()
     for f in dataclasses.fields(Config):
         kind = {"Optional[float]": float}.get(str(f.type), None) or {"int": int, "float": float, "str": str}.get(str(f.type))
-        if str(f.type) == "bool":
+        if f.name == "resume":  # --resume alone means the latest checkpoint, --resume PATH that one
+            parser.add_argument("--resume", nargs="?", const="latest", default="", metavar="PATH", help=comments[f.name])
+        elif str(f.type) == "bool":
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments.get(f.name))
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=comments.get(f.name))
@@ -1562,7 +1636,7 @@ def _field_comments() -> dict[str, str]:
 
 
 def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cfg.cpu:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[cfg.mixed_precision]
         return torch.device("cuda"), dtype
     return torch.device("cpu"), torch.float32  # CPU: half precision is slow and inexact there
@@ -1573,32 +1647,47 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import rewards
 
     try:
-        dist_device = init_distributed()  # None unless started by torchrun with several processes
+        dist_device = init_distributed(cfg.cpu, cfg.dist_timeout_s)  # None unless torchrun started several processes
         rank, world = dist_rank_world()
-        plan_batches(cfg, world)  # fail on impossible arithmetic (and below, a taken --out) before loading gigabytes
-        check_out_folder(cfg)
-        prompts = load_prompts(cfg.prompts)
+        # everything that can be checked is checked before the gigabytes of SD3.5-M load
+        plan_batches(cfg, world)  # every number, and the batch arithmetic
+        if rank == 0:
+            lock_out_folder(cfg.out)  # a second run into the same --out stops here
+        check_out_folder(cfg)  # a fresh run over old checkpoints; --resume: a damaged or incompatible checkpoint
+        prompts, eval_prompts = load_prompts(cfg.prompts), eval_prompt_set(cfg)
         device, dtype = pick_device(cfg)
         device = dist_device or device
-        reward_fn = rewards.build_reward(cfg.reward, device=device)
+        reward_fn = rewards.build_reward(cfg.reward, device=device, **rewards.parse_model_options(cfg.reward_models))
+        check_reward(reward_fn, cfg, prompts + eval_prompts)  # reward models load and answer; prompts suit them
         torch.manual_seed(cfg.seed)  # LoRA init
         model = SD3Model(load_pipeline(cfg.model, dtype), cfg, device, dtype)
-    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError, CheckpointError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     if rank == 0:
         print(f"model {cfg.model} on {device} x {world} ({dtype}) | reward {cfg.reward} | beta {cfg.resolved_beta()} | "
               f"{len(prompts)} prompts from {cfg.prompts} | LoRA parameters {sum(p.numel() for p in model.params):,}")
+        if eval_prompts:
+            also = sum(p.text in {q.text for q in prompts} for p in eval_prompts)
+            print(f"evaluation on {min(cfg.eval_count or len(eval_prompts), len(eval_prompts))} of {len(eval_prompts)} "
+                  f"prompts from {eval_prompts[0].source.rsplit(':', 1)[0]}"
+                  + (f" ({also} of them are training prompts too)" if also else " (held out from training)"))
 
-    def on_eval(epoch: int, images: Tensor, rewards_: Tensor, eval_prompts: list[Prompt]) -> None:
-        save_grid(os.path.join(cfg.out, f"eval-epoch-{epoch:06d}.png"), images, eval_prompts, rewards_)
+    def on_eval(epoch: int, images: Tensor, rewards_: Tensor, shown: list[Prompt]) -> None:
+        save_grid(os.path.join(cfg.out, f"eval-epoch-{epoch:06d}.png"), images, shown, rewards_, epoch)
 
     try:
-        train(cfg, model, reward_fn, prompts, device, on_eval=on_eval)
-    except (RewardError, DivergenceError, FileNotFoundError) as e:
+        train(cfg, model, reward_fn, prompts, device, on_eval=on_eval, eval_prompts=eval_prompts)
+    except (RewardError, DivergenceError, FileNotFoundError, CheckpointError) as e:
         # under torchrun a non-zero exit of one process makes torchrun stop the others (no rank is left hanging)
         print(f"error (rank {rank}): {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # gloo raises "Timed out waiting ..."; NCCL's watchdog ends the process itself
+        if world == 1 or "timed out" not in str(e).lower():
+            raise
+        print(f"error (rank {rank}): another process did not answer for --dist_timeout_s {cfg.dist_timeout_s:g} s "
+              f"(stopped, crashed or stuck; raise the flag if a step legitimately takes that long): {e}", file=sys.stderr)
         return 1
     if world > 1:
         import torch.distributed as dist

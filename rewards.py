@@ -62,11 +62,14 @@ and ``import rewards`` itself imports neither transformers nor pytesseract.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
 import re
 import shutil
+import socket
+import urllib.parse
 from dataclasses import dataclass, replace
 
 import torch
@@ -98,6 +101,7 @@ __all__ = [
     "ocr",
     "ocr_score",
     "ocr_target",
+    "parse_model_options",
     "parse_spec",
     "pickscore",
     "relative_position",
@@ -312,6 +316,20 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
+# Why 3 s: a TCP handshake with a reachable hub takes well under a second even on a slow link; 3 s is far below
+# the minute the hub client spends retrying when it is not reachable.
+@functools.lru_cache(maxsize=None)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub ($HF_ENDPOINT) accepts a TCP connection within ``timeout`` seconds.
+    Asked once per process."""
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return True
+    except OSError:  # no route, no DNS, refused, timed out
+        return False
+
+
 def load_pretrained(what: str, name: str, loader):
     """``loader(name)`` (a ``from_pretrained``) with one clear RuntimeError for every way it can fail.
 
@@ -325,8 +343,11 @@ def load_pretrained(what: str, name: str, loader):
     try:
         return loader(os.path.expanduser(name))
     except Exception as err:  # offline, missing files, bad folder: all need the same fix
+        offline = not os.path.isdir(os.path.expanduser(name)) and (_offline() or not _hub_reachable())
         raise RuntimeError(
-            f"cannot load the {what} {name!r} ({type(err).__name__}: {err}). "
+            f"cannot load the {what} {name!r}"
+            + (" (offline: the hub is unreachable or HF_HUB_OFFLINE is set, so only the local cache was searched)" if offline else "")
+            + f" ({type(err).__name__}: {err}). "
             f"On a machine with network run `hf download {name}` (older huggingface_hub: "
             f"`huggingface-cli download {name}`) to fill the Hugging Face cache, "
             "or pass a local folder holding the files instead of the hub id."
@@ -360,8 +381,8 @@ class ClipReward:
     def _load(self) -> None:
         from transformers import AutoProcessor, CLIPModel
 
-        model = self._load_one("model", self.model_id, CLIPModel.from_pretrained)
-        self.processor = self._load_one("processor", self.processor_id, AutoProcessor.from_pretrained)
+        model = self._load_one("model", self.model_id, _cache_first(CLIPModel.from_pretrained))
+        self.processor = self._load_one("processor", self.processor_id, _cache_first(AutoProcessor.from_pretrained))
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     @staticmethod
@@ -787,8 +808,8 @@ def _offline() -> bool:
 
 
 def _cache_first(from_pretrained):
-    """Wrap ``from_pretrained``: try the local files and cache first, the hub only if that fails and
-    HF_HUB_OFFLINE is not set.
+    """Wrap ``from_pretrained``: try the local files and cache first, the hub only if that fails,
+    HF_HUB_OFFLINE is not set and the hub is reachable (:func:`_hub_reachable`).
 
     Why: without network, huggingface_hub retries each file for ~25 s, so a missing model
     costs minutes before its error; a cache-only attempt fails in milliseconds.
@@ -798,7 +819,7 @@ def _cache_first(from_pretrained):
         try:
             return from_pretrained(name, local_files_only=True)
         except OSError:
-            if _offline() or os.path.isdir(name):  # the hub cannot help
+            if _offline() or os.path.isdir(name) or not _hub_reachable():  # the hub cannot help
                 raise
             return from_pretrained(name)
 
@@ -1057,6 +1078,22 @@ class WeightedReward:
 
     def __repr__(self) -> str:
         return "WeightedReward(" + ", ".join(f"{n}={w:g}" for n, w in self.weights.items()) + ")"
+
+
+def parse_model_options(text: str) -> dict[str, dict[str, str]]:
+    """The trainer's ``--reward_models`` string, ``"reward.option=value,..."``, as :func:`build_reward`'s
+    overrides: ``"geneval.detector_id=/m/m2f,pickscore.model_id=/m/ps"`` ->
+    ``{"geneval": {"detector_id": "/m/m2f"}, "pickscore": {"model_id": "/m/ps"}}`` (local folders or hub ids)."""
+    options: dict[str, dict[str, str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        name, dot, option = key.strip().partition(".")
+        if not (sep and dot and name and option and value.strip()):
+            raise ValueError(
+                f"bad --reward_models entry {item!r}: write reward.option=value, e.g. geneval.detector_id=/models/m2f"
+            )
+        options.setdefault(name, {})[option.strip()] = value.strip()
+    return options
 
 
 def build_reward(spec: str, device="cpu", **overrides) -> WeightedReward:

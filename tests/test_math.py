@@ -439,6 +439,14 @@ def test_recomputed_log_probs_equal_sampling_log_probs(shape, reduce):
         model.zero_grad()
 
 
+def test_rollout_checks_its_schedule_once():
+    # the per-step check in sde_step is skipped for device tensors (it would stall a GPU every step); rollout checks
+    # the whole schedule up front instead
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="must decrease"):
+        fg.rollout(lambda x, t: x, x, torch.tensor([1.0, 0.5, 0.6, 0.0]), 0.7)
+
+
 def test_rollout_rejects_wrong_number_of_noise_levels():
     with pytest.raises(ValueError, match="one noise level per step"):
         fg.rollout(lambda x, t: x, torch.zeros(2, 2), torch.linspace(1, 0, 5), [0.7, 0.7])

@@ -147,6 +147,7 @@ def test_ocr_score_rule_on_constructed_strings(read, target, reward):
     assert rewards.ocr_score(read, target) == pytest.approx(reward)
 
 
+@pytest.mark.tesseract  # skipped where the program is missing, unless CI=true (conftest.py)
 def test_ocr_reads_rendered_word():
     image = render_word("FLOW")
     images = torch.cat([image, image])
@@ -156,6 +157,7 @@ def test_ocr_reads_rendered_word():
     assert scores[1] < scores[0]
 
 
+@pytest.mark.tesseract
 def test_ocr_target_from_quoted_prompt_and_metadata_precedence():
     image = render_word("FLOW")
     from_prompt = rewards.ocr(image, ['a neon sign that says "Flow" at night'], [{}])
@@ -165,6 +167,7 @@ def test_ocr_target_from_quoted_prompt_and_metadata_precedence():
     assert rewards.ocr_target("a poster reading \u201cHi there\u201d", {}) == "Hi there"
 
 
+@pytest.mark.tesseract
 def test_ocr_blank_image_scores_zero():
     blank = torch.ones(1, 3, 128, 320)
     assert rewards.ocr(blank, ['"FLOW"'], [{}]).item() == 0.0
@@ -372,3 +375,16 @@ def test_general_prompt_set_is_nonempty_lines():
     with open(os.path.join(PROMPTS_DIR, "general.txt")) as f:
         lines = f.read().splitlines()
     assert len(lines) >= 50 and all(line.strip() for line in lines)
+
+
+def test_reward_model_options_from_the_command_line():
+    assert rewards.parse_model_options("") == {}
+    assert rewards.parse_model_options("geneval.detector_id=/m/m2f, geneval.clip_model_id=openai/clip,pickscore.model_id=/ps") == {
+        "geneval": {"detector_id": "/m/m2f", "clip_model_id": "openai/clip"},
+        "pickscore": {"model_id": "/ps"},
+    }
+    for bad in ("geneval=/m", "geneval.detector_id", ".detector_id=/m", "geneval.=/m", "geneval.detector_id= "):
+        with pytest.raises(ValueError, match="reward.option=value"):
+            rewards.parse_model_options(bad)
+    with pytest.raises(ValueError, match="bad override for reward 'pickscore'"):  # an option the factory lacks
+        rewards.build_reward("pickscore", **rewards.parse_model_options("pickscore.detector_id=/m"))

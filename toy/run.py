@@ -367,12 +367,17 @@ def measure(model: ToyModel, cfg: flow_grpo.Config) -> dict:
 # with the per-prompt mean and the epoch's global std clipped to ±5, AdamW β's, weight decay and grad-norm clip 1.
 
 # β, the weight of the KL to the pre-trained model. The paper's 0.01–0.04 balance another reward scale and a KL
-# averaged over 65 536 latent elements; what matters is the outcome. Measured at 60 epochs, seeds 0–3 (reward from
-# 0.30–0.35 before, 97% on their modes before, 0.57 the most reachable on the data):
-#     β = 0     reward 0.80–0.99, 0% on their modes: every sample moved to the reward's peak; kl_to_ref 3.2–4.8
-#     β = 0.3   reward 0.50–0.55, 92–95% on their modes;                                      kl_to_ref 0.04–0.07
-#     β = 1     reward 0.40–0.45 (about half the gain), 92–96% on their modes;                kl_to_ref 0.01–0.02
+# averaged over 65 536 latent elements; what matters is the outcome. The KL penalised by default is the reference
+# code's (flow_grpo.step_kl): |dt| times the exact per-step KL for the SDE, with |dt| = 0.1 on every step of the
+# toy's uniform 10-step grid, so β = 3 here is β = 0.3 on the exact KL. Measured at 60 epochs, seeds 0–4 (reward
+# from 0.30–0.35 before, 97% on their modes before, 0.57 the most reachable on the data):
+#     β = 0     reward 0.80–1.00, 0% on their modes: every sample moved to the reward's peak; kl_to_ref 0.32–0.48
+#     β = 3     reward 0.50–0.55, 92–95% on their modes;                                      kl_to_ref 0.004–0.006
+#     β = 10    reward 0.40–0.46 (about half the gain), 92–96% on their modes;                kl_to_ref 0.001–0.002
 TOY_BETA = 3.0
+# For CPS the reference's KL IS the exact one (its std_dev_t is the step's own std): the same β pulls 1/|dt| = 10
+# times harder there, so the toy's CPS runs take β = 0.3, the same pull as β = 3 on the SDE.
+TOY_BETA_CPS = 0.3
 
 
 def toy_config(args: argparse.Namespace) -> flow_grpo.Config:
@@ -402,8 +407,8 @@ def toy_config(args: argparse.Namespace) -> flow_grpo.Config:
         # The standard PPO ε. The paper's 1e-4 is for a log-prob averaged over 65 536 latent elements, whose
         # per-element ratio barely moves; here it is averaged over 2 elements and 1e-4 would clip every update.
         clip_range=0.2,
-        # β: 0.3 by default (the paper: 0.01–0.04); see TOY_BETA.
-        beta=args.beta,
+        # β: 3 by default, 0.3 with CPS (the paper: 0.01–0.04); see TOY_BETA.
+        beta=args.beta if args.beta is not None else TOY_BETA_CPS if args.sde_type == "cps" else TOY_BETA,
         # 1e-3: Adam's usual rate for a small MLP trained in full; 3e-4 is the paper's rate for a LoRA on SD3.
         lr=1e-3,
         ema=False,  # the toy evaluates the current weights; EMA (decay 0.9 every 8 steps) only adds lag here
@@ -576,7 +581,8 @@ def draw_picture(path: str, before: dict, after: dict, curve: list[float], args:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Flow-GRPO on a 2D toy (see the top of toy/run.py).")
-    p.add_argument("--beta", type=float, default=TOY_BETA, help="KL weight β (0: no pull toward the pre-trained model)")
+    p.add_argument("--beta", type=float, default=None, help="KL weight β (0: no pull toward the pre-trained model); "
+                   f"default {TOY_BETA:g}, {TOY_BETA_CPS:g} with --sde_type cps")
     p.add_argument("--seed", type=int, default=0, help="seeds pre-training, sampling and training")
     p.add_argument("--epochs", type=int, default=60, help="Flow-GRPO epochs (64 rollouts each)")
     p.add_argument("--noise_level", type=float, default=0.7, help="a in σ_t = a·√(t/(1 − t)) (paper: 0.7)")
@@ -612,6 +618,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
 def _run(args: argparse.Namespace, log) -> dict:
     t_start = time.time()
     cfg = toy_config(args)
+    args = argparse.Namespace(**{**vars(args), "beta": cfg.beta})  # the β in effect, for the picture and metrics
     flow_grpo.plan_batches(cfg)  # raises now, not after pre-training, if the batch sizes do not fit
     # train appends to metrics.jsonl and adds checkpoints: start this run's outputs from scratch
     os.makedirs(cfg.out, exist_ok=True)

@@ -488,10 +488,10 @@ def glyph_config(args: argparse.Namespace, beta: float, out: str) -> flow_grpo.C
         lr=args.lr,
         ema=False,  # as toy/run.py: measure the current weights; an EMA every 8 steps only adds lag here
         epochs=args.epochs,
-        # train's own evaluation (one ODE sample per digit) runs every eval_every epochs and calls on_eval, where
-        # run() measures the 500 fixed-noise samples of the curves
+        # train's own evaluation (one ODE sample per digit: the training prompts are the whole set) runs every
+        # eval_every epochs and calls on_eval, where run() measures the 500 fixed-noise samples of the curves
         eval_every=args.eval_every,
-        eval_prompts=len(DIGITS),
+        eval_count=len(DIGITS),
         save_every=0,  # one checkpoint, at the end (<out>/<run>/checkpoints/)
         mixed_precision="no",  # float32 on the CPU
     )

@@ -8,3 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# --- the `slow` marker (tests/test_compile.py: torch.compile costs about a minute on a CPU; -m "not slow" skips) ---
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: compiles with torch.compile (about a minute on a CPU)")

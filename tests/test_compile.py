@@ -1,8 +1,9 @@
 """The compiled path (--compile on: torch.compile of each transformer block, flow_grpo.py section 11), on the tiny
 SD3 model. Independent references: the same weights run eagerly, and in float64 (for the float32 error bound).
 
-Marked slow: compiling costs about a minute on a CPU (measured on a 2-core machine, cold cache: 65 s for the first
-test, 25 s for the second). `python -m pytest -q` runs them; `-m "not slow"` leaves them out."""
+Marked slow: compiling costs about a minute on a CPU (measured on a 2-core machine, empty compile cache,
+OMP_NUM_THREADS=1: 51 s for the first test, 14 s for the second; up to twice that while other jobs share the cores).
+`python -m pytest -q` runs them; `-m "not slow"` leaves them out."""
 
 import pytest
 import torch

@@ -1325,9 +1325,9 @@ class SD3Model(FlowModel):
         w = self.cfg.guidance_scale
         grad = torch.is_grad_enabled()
         # Compiled: sampling and evaluation run in grad mode too (result detached), so they run the very graph the
-        # training forward runs: a no-grad graph is fused differently, its log-probs would differ from training's in
-        # the last bits and the first ratio would not be exactly 1. The price: the activations a backward would need
-        # are written (and freed at once). No-grad calls bypass DDP, which expects a backward after a grad forward.
+        # training forward runs: a no-grad graph is fused differently, its log-probs can differ from training's in the
+        # last bits and the first ratio would not be exactly 1. The price: the activations a backward would need are
+        # written (and freed at once). No-grad calls bypass DDP, which expects a backward after a grad forward.
         with torch.enable_grad() if self.compiled else contextlib.nullcontext():
             # CFG in ONE forward: rows [unconditional; conditional]                    (2N, C, H, W)
             out = (self.net if grad else self.transformer)(

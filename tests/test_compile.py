@@ -17,8 +17,11 @@ U = torch.finfo(torch.float32).eps / 2  # float32 unit roundoff, 2⁻²⁴
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test starts with no compiled graphs and zeroed counters (dynamo's caches are process-wide)."""
+def fresh_dynamo(monkeypatch, tmp_path_factory):
+    """Each test starts with no compiled graphs and zeroed counters (dynamo's caches are process-wide), and with an
+    inductor cache of its own: the default one is shared by every process of the machine, and a kernel generated
+    by another run (seen: one under another ATEN_CPU_CAPABILITY, at the same time) must not be reused here."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor_cache")))
     torch._dynamo.reset()
     counters.clear()
     yield

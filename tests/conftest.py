@@ -7,6 +7,7 @@ Markers (`python -m pytest -m gpu` runs only the GPU tests):
   gpu        needs a CUDA GPU; skipped where torch.cuda.is_available() is False (tests/test_gpu.py).
   tesseract  needs the tesseract program; skipped, with the install command, where it is missing, EXCEPT under CI
              (CI=true): there a missing program fails the test, so CI can never go green by skipping it.
+  slow       compiles with torch.compile (tests/test_compile.py); runs by default, -m "not slow" skips it.
 """
 
 import os
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where torch.cuda.is_available() is False)")
     config.addinivalue_line("markers", "tesseract: needs the tesseract program (skipped where missing, unless CI=true)")
+    config.addinivalue_line("markers", "slow: compiles with torch.compile (about a minute on a CPU; -m 'not slow' skips)")
 
 
 def pytest_runtest_setup(item):

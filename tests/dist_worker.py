@@ -47,7 +47,7 @@ def build(mode: str, out: str):
     cfg = fg.parse_config(["--model", "tiny-random", "--reward", "jpeg_compressibility", "--out", out])
     # β > 0 (the preset has 0): the reference forward (adapter disabled) must work through the DDP wrapper too
     # 16 samples in 4 batches of 4, 2 optimiser steps of 2 batches: one batch per process per step at R = 2
-    cfg = dataclasses.replace(cfg, epochs=2, group_size=4, groups_per_epoch=4, batch_size=4, eval_every=0,
+    cfg = dataclasses.replace(cfg, epochs=2, group_size=4, groups_per_epoch=4, batch_size=4, optimizer_steps_per_epoch=2, eval_every=0,
                               save_every=0, beta=0.04, timestep_fraction=ONE_STEP)  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = fg.SD3Model(fg.load_pipeline("tiny-random", torch.float32), cfg, torch.device("cpu"), torch.float32)

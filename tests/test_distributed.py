@@ -90,7 +90,8 @@ def test_a_failing_rank_stops_the_whole_run(tmp_path):
 def test_cli_under_torchrun_trains_resumes_and_writes_once(tmp_path):
     out = tmp_path / "cli"
     common = ["flow_grpo.py", "--model", "tiny-random", "--reward", "jpeg_compressibility", "--out", str(out), "--cpu",
-              "--group_size", "4", "--groups_per_epoch", "4", "--batch_size", "4", "--eval_every", "0", "--save_every", "1"]  # fmt: skip
+              "--group_size", "4", "--groups_per_epoch", "4", "--batch_size", "4", "--optimizer_steps_per_epoch", "2",
+              "--eval_every", "0", "--save_every", "1"]  # fmt: skip
     first = torchrun(2, *common, "--epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("batch plan:") == 1 and "(2 per process x 2)" in first.stdout  # rank 0 prints alone

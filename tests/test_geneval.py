@@ -608,7 +608,7 @@ def test_geneval_trains_the_tiny_sd3_end_to_end_and_logs_per_tag_accuracy(tmp_pa
     prompt_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = fg.parse_config(["--model", "tiny-random", "--reward", "geneval=1,jpeg_compressibility=1", "--prompts",
                            str(prompt_file), "--out", str(tmp_path / "run"), "--epochs", "1", "--group_size", "4", "--groups_per_epoch", "4",
-                           "--batch_size", "8", "--eval_every", "1", "--save_every", "0"])  # fmt: skip
+                           "--batch_size", "8", "--optimizer_steps_per_epoch", "2", "--eval_every", "1", "--save_every", "0"])  # fmt: skip
     # the detector at 128 px instead of GenEval's 1333 x 800: the 32 px images gain nothing from more, the test time does
     reward = rewards.build_reward(cfg.reward, geneval={"detector_id": detector, "clip_model_id": clip, "scale": (128, 128)})
     model = fg.SD3Model(fg.load_pipeline(cfg.model, torch.float32), cfg, torch.device("cpu"), torch.float32)

@@ -167,6 +167,21 @@ PRETRAIN_LR = 2e-3  # Adam, decayed linearly to 0: a tiny model on an easy targe
 PROMPT_DROPOUT = 0.15  # within the usual 0.1–0.2 for CFG training
 
 
+def rectified_flow_loss(net: nn.Module, x0: Tensor, prompt_id: Tensor, null_id: int, generator: torch.Generator) -> Tensor:
+    """The loss above for one batch of data x₀ (n, *D) with prompt ids (n,): draws the dropped prompts, ε and t
+    from `generator` (in that order) and returns the mean over the batch and the latent elements."""
+    n = len(x0)
+    drop = torch.rand(n, generator=generator) < PROMPT_DROPOUT  # (n,)
+    prompt_id = torch.where(drop, torch.full_like(prompt_id, null_id), prompt_id)
+    eps = torch.randn(x0.shape, generator=generator)  # (n, *D)
+    t = torch.rand(n, generator=generator)  # (n,)
+    t_ = t.view(n, *[1] * (x0.ndim - 1))  # (n, 1, …) broadcasts against x₀
+    # x_t = (1 − t)·x₀ + t·ε
+    x_t = (1 - t_) * x0 + t_ * eps  # (n, *D)
+    # L = ‖v_θ(x_t, t, c) − (ε − x₀)‖²
+    return ((net(x_t, t, prompt_id) - (eps - x0)) ** 2).mean()
+
+
 def pretrain(seed: int, steps: int = PRETRAIN_STEPS, batch_size: int = PRETRAIN_BATCH) -> VelocityMLP:
     """A VelocityMLP fitted to the ring data; deterministic given the seed."""
     torch.manual_seed(seed)  # the initial weights
@@ -176,14 +191,7 @@ def pretrain(seed: int, steps: int = PRETRAIN_STEPS, batch_size: int = PRETRAIN_
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / steps)
     for _ in range(steps):
         x0, prompt_id = sample_data(batch_size, generator)  # (n, 2), (n,)
-        drop = torch.rand(batch_size, generator=generator) < PROMPT_DROPOUT  # (n,)
-        prompt_id = torch.where(drop, torch.full_like(prompt_id, NULL_ID), prompt_id)
-        eps = torch.randn(batch_size, 2, generator=generator)  # (n, 2)
-        t = torch.rand(batch_size, generator=generator)  # (n,)
-        # x_t = (1 − t)·x₀ + t·ε
-        x_t = (1 - t[:, None]) * x0 + t[:, None] * eps  # (n, 2)
-        # L = ‖v_θ(x_t, t, c) − (ε − x₀)‖²
-        loss = ((net(x_t, t, prompt_id) - (eps - x0)) ** 2).mean()
+        loss = rectified_flow_loss(net, x0, prompt_id, NULL_ID, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -215,6 +223,7 @@ class ToyModel(flow_grpo.FlowModel):
     frozen copy of it as the KL's reference policy (SD3 gets the same by disabling its LoRA adapter)."""
 
     latent_shape = (2,)  # D
+    null_id = NULL_ID  # the prompt id of CFG's unconditional branch
 
     def __init__(self, net: VelocityMLP, guidance_scale: float):
         self.net = net  # θ, trained
@@ -237,7 +246,7 @@ class ToyModel(flow_grpo.FlowModel):
     def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         net = self.ref_net if self._use_reference else self.net
         prompt_id = cond["prompt_id"]  # (N,)
-        null_id = torch.full_like(prompt_id, NULL_ID)
+        null_id = torch.full_like(prompt_id, self.null_id)
         # ONE forward for both branches, as the SD3 pipeline does: rows [unconditional; conditional]
         v = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null_id, prompt_id]))  # (2N, 2)
         v_uncond, v_cond = v.chunk(2)  # (N, 2) each
@@ -585,19 +594,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run the body on one torch thread, then restore the previous count. The MLP's matrices are so small that
+    thread synchronisation costs more than it saves (on a loaded 2-core machine, 2 threads made pre-training ~20x
+    slower than 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run(argv: Optional[list[str]] = None) -> dict:
     """The whole toy for command-line arguments `argv` (None: sys.argv). Returns the metrics written to
     metrics.json."""
     args = parse_args(argv)
-    log = (lambda s: None) if args.quiet else print
-    # One thread: the MLP's matrices are so small that thread synchronisation costs more than it saves (on a
-    # loaded 2-core machine, 2 threads made pre-training ~20x slower than 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(args, log)
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread():
+        return _run(args, (lambda s: None) if args.quiet else print)
 
 
 def _run(args: argparse.Namespace, log) -> dict:

@@ -28,11 +28,13 @@ Reading order (each section is a numbered banner below):
     7. The model interface the training loop talks to
     8. Many processes (torchrun): who samples what, how rewards are shared
     9. The training loop, shared by the toy and SD3.5-M
-   10. Checkpoints: atomic, safetensors only, checked, resumable (what a resumed run may change)
-   11. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
-   12. Prompts and the held-out evaluation set, checks before the model loads, command line
+   10. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
+   11. Checks before the model loads, the command line
 
-Importing this file is cheap: torch only (and runfiles.py, the checked file plumbing: standard library). diffusers,
+Beside it, runfiles.py holds the run's plumbing, which changes nothing that is trained: prompt files and the held-out
+split, the lock on --out, metrics.jsonl, checkpoints (atomic, checked whole) and what a resumed run may change.
+
+Importing this file is cheap: torch only (and runfiles.py: standard library and torch). diffusers,
 transformers, peft and the rewards are imported inside the functions that need them, so the toy and the tests of
 the math never pay for them.
 """
@@ -60,7 +62,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -72,10 +73,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-# the files a run reads and writes, checked (plumbing kept out of this file; standard library only)
+# the run's plumbing (prompt files, the output folder, metrics.jsonl, checkpoints, the resume rules): runfiles.py
 from runfiles import (
-    PROMPT_SETS, CheckpointError, atomic_write_text, claim_metrics, file_manifest, lock_out_folder,
-    newest_intact_checkpoint, prompt_file, read_checkpoint, read_prompts, save_grid,
+    CheckpointError, DivergenceError, Prompt, RewardError, append_metrics, claim_metrics, eval_prompt_set,
+    load_prompts, open_run, resume_run, save_checkpoint, save_grid,
 )  # fmt: skip
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -651,7 +652,7 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
 # ----------------------------------------------------------------------------------------------------------------
 # --- 7. The model interface the training loop talks to ---
 # ----------------------------------------------------------------------------------------------------------------
-# The loop below is written once. A model (the 2D toy in toy/run.py, SD3.5-M in section 11) plugs in by
+# The loop below is written once. A model (the 2D toy in toy/run.py, SD3.5-M in section 10) plugs in by
 # providing these methods; "cond" is a dict of batch-first tensors, one row per prompt.
 
 
@@ -770,6 +771,14 @@ def all_reduce_sum(x: Tensor, device) -> Tensor:
     return x.cpu()
 
 
+def wrap_ddp(model: FlowModel, device) -> None:
+    """model.net in DistributedDataParallel: gradients averaged over processes on backward, every process starting
+    from rank 0's weights. No buffers to broadcast: the frozen networks have none that change."""
+    if not isinstance(model.net, torch.nn.parallel.DistributedDataParallel):
+        device_ids = [device] if torch.device(device).type == "cuda" else None
+        model.net = torch.nn.parallel.DistributedDataParallel(model.net, device_ids=device_ids, broadcast_buffers=False)
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return getattr(module, "module", module)
@@ -778,14 +787,6 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # --- 9. The training loop (paper Algorithm: sample groups → rewards → advantages → clipped updates) ---
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class RewardError(RuntimeError):
-    """The reward function returned something that must not be trained on."""
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss, gradient or sample: stop before it reaches the weights."""
 
 
 def check_rewards(rewards: Tensor, n: int, name: str = "reward") -> Tensor:
@@ -818,12 +819,6 @@ def score(reward_fn: Callable, images: Tensor, texts: list[str], meta: list[dict
             logged[k] = check_rewards(v, n, f"reward '{k}'")
     return check_rewards(reward_fn.combine(parts), n), logged
 
-
-@dataclass
-class Prompt:
-    text: str
-    metadata: dict = field(default_factory=dict)
-    source: str = ""  # "file:line" it was read from, for error messages
 
 
 @dataclass
@@ -1138,18 +1133,13 @@ def train(
     plan = plan_batches(cfg, world)
     if not prompts:
         raise ValueError("the prompt list is empty: give --prompts a file with at least one prompt")
-    if rank == 0:
-        lock_out_folder(cfg.out)  # one run per output folder
-    resume = check_out_folder(cfg)  # (checkpoint, its state) to continue from, or None for a fresh run
+    resume = open_run(cfg, rank)  # --out locked for this run; the checkpoint to continue from (checked), or None
     if rank != 0:
         log = lambda line: None  # noqa: E731  only rank 0 prints, writes metrics, images and checkpoints
         on_eval = None
     log(plan.describe(cfg))
-    if world > 1 and not isinstance(model.net, torch.nn.parallel.DistributedDataParallel):
-        # DDP averages the gradients over processes on backward (and starts every process from rank 0's weights).
-        # No buffers to broadcast: the frozen networks have none that change, and evaluation runs everywhere.
-        device_ids = [device] if torch.device(device).type == "cuda" else None
-        model.net = torch.nn.parallel.DistributedDataParallel(model.net, device_ids=device_ids, broadcast_buffers=False)
+    if world > 1:
+        wrap_ddp(model, device)  # DDP averages the gradients over processes on backward
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
@@ -1158,11 +1148,7 @@ def train(
     # loss scaling for fp16 networks on a GPU (bf16 has float32's exponent range and needs none)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and torch.device(device).type == "cuda")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    epoch0, step = 0, 0
-    if resume:
-        epoch0, step = load_checkpoint(resume, model, optimizer, ema, cfg)
-        changed = compare_to_checkpoint(resume[1]["config"], cfg)[1]
-        log(f"resumed from {resume[0]}: epoch {epoch0}, optimiser step {step}" + "".join(f"; now {c}" for c in changed))
+    epoch0, step = resume_run(resume, model, optimizer, ema, cfg, log) if resume else (0, 0)
     if rank == 0:
         claim_metrics(metrics_path, epoch0 if resume else None, log)
     pool = eval_prompts or prompts
@@ -1211,8 +1197,7 @@ def train(
         m["time/epoch_s"] = time.time() - t_start
         log(format_line(m))
         if rank == 0:
-            with open(metrics_path, "a") as f:  # strict JSON: a value that is not finite is written as null
-                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in m.items()}, allow_nan=False) + "\n")
+            append_metrics(metrics_path, m)
         history.append(m)
         if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
             if rank == 0:
@@ -1237,166 +1222,7 @@ def format_line(m: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 10. Checkpoints: atomic, safetensors only, checked, resumable; one run per output folder ---
-# ----------------------------------------------------------------------------------------------------------------
-# <out>/checkpoints/epoch-000010/
-#     lora/                  the trained weights (SD3: pytorch_lora_weights.safetensors for load_lora_weights)
-#     ema/                   the EMA weights, same format (if --ema)
-#     trainer_state.safetensors   optimiser moments and EMA shadow tensors
-#     trainer_state.json          epoch, optimiser step, optimiser hyper-parameters, the config, and the size and
-#                                 SHA-256 of every other file (a damaged file is named before anything loads)
-# <out>/checkpoints/latest   the name of the newest complete checkpoint
-# <out>/.lock                locked (flock) by the run writing into <out>
-# A checkpoint is written into a temporary folder and renamed into place, and `latest` is replaced atomically,
-# so a crash mid-save leaves the previous checkpoint and pointer untouched. The last KEEP checkpoints are kept.
-
-KEEP_CHECKPOINTS = 2
-# What a resumed run may change: how the optimiser steps, how long the run goes, what it saves and where things
-# live. Any other difference from the checkpoint's config (model, LoRA shape, group size, batch plan, sampler,
-# noise level, seed, reward, prompts, evaluation set, ...) would continue a different experiment under the old
-# one's name, so --resume refuses it and lists the differences.
-CHANGEABLE_ON_RESUME = (
-    "lr", "adam_beta1", "adam_beta2", "weight_decay", "adam_eps", "max_grad_norm",
-    "epochs", "eval_every", "save_every", "gradient_checkpointing", "text_encoders_on_cpu", "reward_models",
-    "dist_timeout_s",
-)  # fmt: skip
-
-
-def latest_checkpoint(out: str) -> Optional[str]:
-    pointer = os.path.join(out, "checkpoints", "latest")
-    if not os.path.exists(pointer):
-        return None
-    return os.path.join(out, "checkpoints", open(pointer).read().strip())
-
-
-def compare_to_checkpoint(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
-    """(forbidden, allowed): the settings of cfg that differ from the checkpoint's config `saved`, as
-    "--name old -> new", split by CHANGEABLE_ON_RESUME. A field the checkpoint lacks counts as its default."""
-    forbidden, allowed = [], []
-    for f in dataclasses.fields(Config):
-        old, new = saved.get(f.name, f.default), getattr(cfg, f.name)
-        if old != new and f.name not in ("resume", "out"):  # these two name the run, they always may differ
-            (allowed if f.name in CHANGEABLE_ON_RESUME else forbidden).append(f"--{f.name} {old!r} -> {new!r}")
-    return forbidden, allowed
-
-
-def check_out_folder(cfg: Config) -> Optional[tuple[str, dict]]:
-    """What --out and --resume allow, checked before anything is loaded or written. A fresh run refuses a folder
-    holding a run's checkpoints (it would prune them) and returns None. --resume returns (checkpoint folder, its
-    trainer_state) once the checkpoint is checked whole and its settings agree with cfg; a damaged file or a
-    `latest` that points nowhere is named with the newest intact checkpoint and how to resume from it."""
-    root = os.path.join(cfg.out, "checkpoints")
-    names = sorted(d for d in os.listdir(root) if d.startswith("epoch-")) if os.path.isdir(root) else []
-    if not cfg.resume:
-        if names:
-            raise FileExistsError(
-                f"{cfg.out} already holds a run's checkpoints ({os.path.join(root, names[-1])}): pass --resume to "
-                f"continue it, or choose another --out"
-            )
-        return None
-    latest = cfg.resume is True or cfg.resume == "latest"  # True: Config built in code with the old bool flag
-    pointer = os.path.join(root, "latest")
-    name = open(pointer).read().strip() if latest and os.path.isfile(pointer) else ""
-    if latest and not name and not names:
-        raise FileNotFoundError(f"--resume: no checkpoint found under {root}")
-    path = os.path.join(root, name) if latest else os.path.normpath(cfg.resume)
-    if not latest and names and os.path.realpath(os.path.dirname(path)) != os.path.realpath(root):
-        raise FileExistsError(
-            f"--resume {path} is not a checkpoint of --out {cfg.out}, which holds a run of its own: continuing "
-            f"another run there would mix the two; choose another --out"
-        )
-    try:
-        if latest and not name:
-            raise CheckpointError(f"{pointer}: missing or empty")
-        meta = read_checkpoint(path)
-    except CheckpointError as e:
-        intact = newest_intact_checkpoint(os.path.dirname(path))
-        how = f"the newest intact checkpoint is {intact}: resume from it with --resume {intact}" if intact else (
-            "no intact checkpoint is left beside it: start a fresh run in another --out")
-        named = f" ({pointer} names {name})" if latest and name else ""
-        raise CheckpointError(f"cannot resume{named}: {e}\n  {how}") from None
-    forbidden, _ = compare_to_checkpoint(meta["config"], cfg)
-    if forbidden:
-        raise CheckpointError(
-            f"--resume {path}: these settings differ from the checkpoint's and cannot change in a resumed run:\n    "
-            + "\n    ".join(forbidden) + f"\n  pass the checkpoint's values (its trainer_state.json lists them), or "
-            f"start a fresh run in another --out. A resumed run may change --{', --'.join(CHANGEABLE_ON_RESUME)}."
-        )
-    if meta["epoch"] >= cfg.epochs:
-        raise ValueError(f"--resume {path}: the checkpoint ends epoch {meta['epoch']} of --epochs {cfg.epochs}: "
-                         f"nothing is left to train; pass a larger --epochs")  # fmt: skip
-    return path, meta
-
-
-def save_checkpoint(out: str, epoch: int, step: int, model: FlowModel, optimizer, ema: Optional[EMA], cfg: Config) -> str:
-    from safetensors.torch import save_file
-
-    weights = model.trainable_parameters() + (ema.shadow if ema is not None else [])
-    if not all(bool(torch.isfinite(w).all()) for w in weights):  # never replace a good checkpoint with garbage
-        raise DivergenceError(f"epoch {epoch}: the weights hold NaN/inf; checkpoint not written")
-
-    root = os.path.join(out, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    name = f"epoch-{epoch:06d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-    os.makedirs(tmp)
-    model.save_weights(os.path.join(tmp, "lora"))
-    if ema is not None:
-        with ema.swapped_in():
-            model.save_weights(os.path.join(tmp, "ema"))
-    opt = optimizer.state_dict()
-    tensors = {}
-    for i, st in opt["state"].items():
-        for k, v in st.items():
-            tensors[f"optimizer.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    if ema is not None:
-        for i, s in enumerate(ema.shadow):
-            tensors[f"ema.{i}"] = s.cpu().contiguous()
-    save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
-    files = file_manifest(tmp)  # sizes and SHA-256 (each file fsync-ed): a damaged file is named on --resume
-    meta = {"epoch": epoch, "step": step, "param_groups": opt["param_groups"], "config": dataclasses.asdict(cfg), "files": files}
-    atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    atomic_write_text(os.path.join(root, "latest"), name)
-    for old in sorted(d for d in os.listdir(root) if d.startswith("epoch-"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(os.path.join(root, old))
-    return final
-
-
-def load_checkpoint(checkpoint: tuple[str, dict], model: FlowModel, optimizer, ema: Optional[EMA], cfg: Config) -> tuple[int, int]:
-    """Restore weights, optimiser and EMA from a checkpoint check_out_folder accepted; returns (next epoch, step).
-    The optimiser's hyper-parameters come from cfg, not from the checkpoint: a changed --lr takes effect."""
-    from safetensors.torch import load_file
-
-    path, meta = checkpoint
-    try:
-        model.load_weights(os.path.join(path, "lora"))
-        tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
-    except Exception as e:  # checked whole, yet not this model's (written by other code, or edited by hand)
-        raise CheckpointError(f"{path}: does not load into this model ({type(e).__name__}: {e})") from e
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, v in tensors.items():
-        kind, i, *rest = key.split(".")
-        if kind == "optimizer":
-            state.setdefault(int(i), {})[rest[0]] = v
-    groups = meta["param_groups"]
-    for g in groups:
-        g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    for g in optimizer.param_groups:  # load_state_dict restored the saved hyper-parameters: the command line's win
-        g.update(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    if ema is not None:
-        for i, s in enumerate(ema.shadow):
-            s.copy_(tensors[f"ema.{i}"])
-    return meta["epoch"], meta["step"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# --- 11. SD3.5-Medium: loading, LoRA, the CFG velocity, VAE decoding ---
+# --- 10. SD3.5-Medium: loading, LoRA, the CFG velocity, VAE decoding ---
 # ----------------------------------------------------------------------------------------------------------------
 
 MODEL_ALIASES = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium"}
@@ -1569,29 +1395,8 @@ class SD3Model(FlowModel):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 12. Prompts and the held-out evaluation set, checks before the model loads, command line ---
+# --- 11. Checks before the model loads, the command line ---
 # ----------------------------------------------------------------------------------------------------------------
-
-def load_prompts(spec: str, split: str = "train") -> list[Prompt]:
-    """The `split` ("train" or "test") of a prompt set: a shipped set (general, ocr, geneval: prompts/), a folder
-    laid out as the reference's dataset/<name>/ (train.txt, test.txt or *_metadata.jsonl), or one .txt file (one
-    prompt per line) or .jsonl file (one {"prompt": ..., <metadata>...} object per line), its whole set."""
-    return [Prompt(text, meta, source) for text, meta, source in read_prompts(prompt_file(spec, split))]
-
-
-def eval_prompt_set(cfg: Config) -> list[Prompt]:
-    """The held-out prompts evaluation uses: --eval_prompts (a file: all of it; a set or folder: its test split), by
-    default the test split of --prompts. Never the training prompts, unless --eval_prompts names them."""
-    if not cfg.eval_every:
-        return []
-    if not cfg.eval_prompts and os.path.isfile(cfg.prompts):
-        raise ValueError(
-            f"--prompts {cfg.prompts} is a single file, so it has no held-out test split (and evaluating on training "
-            f"prompts measures memorisation): pass --eval_prompts with a file of other prompts or a shipped set, or "
-            f"--eval_every 0"
-        )
-    return load_prompts(cfg.eval_prompts or cfg.prompts, "test")
-
 
 def check_reward(reward_fn: Callable, cfg: Config, prompts: list[Prompt]) -> None:
     """Fail before the big model loads: every prompt suits the reward (OCR: each has a target text), and one call
@@ -1684,9 +1489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rank, world = dist_rank_world()
         # everything that can be checked is checked before the gigabytes of SD3.5-M load
         plan_batches(cfg, world)  # every number, and the batch arithmetic
-        if rank == 0:
-            lock_out_folder(cfg.out)  # a second run into the same --out stops here
-        check_out_folder(cfg)  # a fresh run over old checkpoints; --resume: a damaged or incompatible checkpoint
+        open_run(cfg, rank)  # a second run into the same --out; a fresh run over old checkpoints; a bad --resume
         prompts, eval_prompts = load_prompts(cfg.prompts), eval_prompt_set(cfg)
         device, dtype = pick_device(cfg)
         device = dist_device or device

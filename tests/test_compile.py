@@ -1,4 +1,4 @@
-"""The compiled path (--compile on: torch.compile of each transformer block, flow_grpo.py section 11), on the tiny
+"""The compiled path (--compile on: torch.compile of each transformer block, flow_grpo.py section 10), on the tiny
 SD3 model. Independent references: the same weights run eagerly, and in float64 (for the float32 error bound).
 
 Marked slow: compiling costs about a minute on a CPU (measured on a 2-core machine, empty compile cache,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import flow_grpo as fg
+import runfiles
 from toy import run as toy
 
 
@@ -41,7 +42,7 @@ def test_a_nan_loss_stops_before_the_first_optimiser_step_and_writes_no_checkpoi
     assert "no update was applied" in str(info.value)
     for p, b in zip(model.trainable_parameters(), before):
         assert torch.equal(p.detach(), b)  # the optimiser never ran
-    assert fg.latest_checkpoint(cfg.out) is None
+    assert runfiles.latest_checkpoint(cfg.out) is None
 
 
 def test_nan_weights_stop_sampling_and_are_never_checkpointed(tmp_path):
@@ -53,7 +54,7 @@ def test_nan_weights_stop_sampling_and_are_never_checkpointed(tmp_path):
     opt = torch.optim.AdamW(model.trainable_parameters())
     with pytest.raises(fg.DivergenceError, match="checkpoint not written"):
         fg.save_checkpoint(cfg.out, 1, 0, model, opt, None, cfg)
-    assert fg.latest_checkpoint(cfg.out) is None
+    assert runfiles.latest_checkpoint(cfg.out) is None
 
 
 def test_metrics_are_strict_json_with_null_for_values_that_are_not_numbers(tmp_path):

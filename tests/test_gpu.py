@@ -16,6 +16,7 @@ from test_distributed import torchrun
 from test_sd3 import PROMPTS, perturb_lora, tiny_cfg
 
 import flow_grpo as fg
+import runfiles
 import rewards
 
 pytestmark = pytest.mark.gpu  # skipped where CUDA is absent (conftest.py)
@@ -105,7 +106,7 @@ def test_the_tiny_command_line_trains_on_the_gpu(tmp_path, capsys):
     numbers = [v for m in lines for v in m.values() if isinstance(v, float)]
     assert numbers and all(v == v and abs(v) != float("inf") for v in numbers)  # no NaN, no inf
     assert lines[0]["policy/clipfrac"] < 1  # updates happen (a clipped sample gives no gradient)
-    lora = load_file(os.path.join(fg.latest_checkpoint(str(out)), "lora", "pytorch_lora_weights.safetensors"))
+    lora = load_file(os.path.join(runfiles.latest_checkpoint(str(out)), "lora", "pytorch_lora_weights.safetensors"))
     b = [t for k, t in lora.items() if "lora_B" in k]
     assert b and all(torch.isfinite(t).all() for t in b)
     assert any(t.abs().max() > 0 for t in b)  # B starts at 0: training moved it

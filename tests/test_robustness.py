@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import flow_grpo as fg
+import runfiles
 import rewards
 from test_sd3 import PROMPTS, make_model, run_main, tiny_cfg
 
@@ -50,7 +51,7 @@ def no_model_load(monkeypatch):
 
 def test_a_second_run_into_a_used_out_refuses_and_a_killed_run_leaves_no_lock(tmp_path, capsys):
     out = str(tmp_path / "run")
-    holder = "import sys, time; sys.path.insert(0, sys.argv[1]); import flow_grpo; flow_grpo.lock_out_folder(sys.argv[2]); print('locked', flush=True); time.sleep(600)"
+    holder = "import sys, time; sys.path.insert(0, sys.argv[1]); import runfiles; runfiles.lock_out_folder(sys.argv[2]); print('locked', flush=True); time.sleep(600)"
     proc = subprocess.Popen([sys.executable, "-c", holder, ROOT, out], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
@@ -60,7 +61,7 @@ def test_a_second_run_into_a_used_out_refuses_and_a_killed_run_leaves_no_lock(tm
     finally:
         proc.kill()  # SIGKILL: no clean-up code of the holder runs
         proc.wait()
-    fg.lock_out_folder(out)  # the OS released the dead process's lock: nothing stale to clear by hand
+    runfiles.lock_out_folder(out)  # the OS released the dead process's lock: nothing stale to clear by hand
     assert open(os.path.join(out, ".lock")).read().strip() == f"pid {os.getpid()} on {socket.gethostname()}"
 
 
@@ -103,11 +104,11 @@ def copy_run(cfg, folder, **changes):
 def test_resume_refuses_settings_that_cannot_change_and_lists_them(two_checkpoints, tmp_path, capsys):
     cfg = copy_run(two_checkpoints, tmp_path / "run")
     changed = dataclasses.replace(cfg, resume="latest", epochs=3, lr=1e-3, seed=7, group_size=8, lora_rank=4, sde_type="cps")
-    forbidden, allowed = fg.compare_to_checkpoint(json.load(open(os.path.join(fg.latest_checkpoint(cfg.out), "trainer_state.json")))["config"], changed)
+    forbidden, allowed = runfiles.compare_to_checkpoint(json.load(open(os.path.join(runfiles.latest_checkpoint(cfg.out), "trainer_state.json")))["config"], changed)
     assert forbidden == ["--seed 42 -> 7", "--group_size 4 -> 8", "--sde_type 'sde' -> 'cps'", "--lora_rank 32 -> 4"]
     assert allowed == ["--lr 0.03 -> 0.001", "--epochs 2 -> 3"]
     with pytest.raises(fg.CheckpointError) as e:
-        fg.check_out_folder(changed)
+        runfiles.check_out_folder(changed)
     assert all(line in str(e.value) for line in forbidden) and "--lr 0.03" not in str(e.value)
     # the command line says so before loading anything (the CLI preset differs in more than the LoRA rank)
     code, err = run_main(["--model", "tiny-random", "--out", cfg.out, "--resume", "--lora_rank", "4", "--epochs", "3"], capsys)
@@ -117,7 +118,7 @@ def test_resume_refuses_settings_that_cannot_change_and_lists_them(two_checkpoin
 def test_resume_with_a_new_lr_trains_with_it(two_checkpoints, tmp_path):
     cfg = copy_run(two_checkpoints, tmp_path / "run")  # trained with lr 3e-2 (tiny-random preset)
     control = copy_run(two_checkpoints, tmp_path / "control")
-    saved = lora_of(fg.latest_checkpoint(cfg.out), cfg)
+    saved = lora_of(runfiles.latest_checkpoint(cfg.out), cfg)
 
     # --lr 0: AdamW's step is p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + ε), exactly p, so the weights must not move at all
     zero = dataclasses.replace(cfg, resume="latest", epochs=3, lr=0.0)
@@ -127,7 +128,7 @@ def test_resume_with_a_new_lr_trains_with_it(two_checkpoints, tmp_path):
     assert any("resumed from" in x and "--lr 0.03 -> 0.0" in x for x in lines)
     for a, b in zip(model.trainable_parameters(), saved):
         assert torch.equal(a, b)
-    state = json.load(open(os.path.join(fg.latest_checkpoint(cfg.out), "trainer_state.json")))
+    state = json.load(open(os.path.join(runfiles.latest_checkpoint(cfg.out), "trainer_state.json")))
     assert state["epoch"] == 3 and state["param_groups"][0]["lr"] == 0.0 == state["config"]["lr"]
 
     # control: resumed with the checkpoint's lr, the same epoch does move them (so the check above can fail).
@@ -178,11 +179,11 @@ def test_a_damaged_checkpoint_names_the_file_and_the_newest_intact_one(two_check
     damage_fn(os.path.join(cfg.out, "checkpoints", "epoch-000002"))
     intact = os.path.join(cfg.out, "checkpoints", f"epoch-{intact_epoch:06d}")
     with pytest.raises(fg.CheckpointError) as e:
-        fg.check_out_folder(cfg)
+        runfiles.check_out_folder(cfg)
     message = str(e.value)
     assert named in message and f"--resume {intact}" in message, message
     # and the way out it names is open (test_a_damaged_checkpoint_on_the_command_line trains from it)
-    assert fg.check_out_folder(dataclasses.replace(cfg, resume=intact))[0] == intact
+    assert runfiles.check_out_folder(dataclasses.replace(cfg, resume=intact))[0] == intact
 
 
 def test_a_damaged_checkpoint_on_the_command_line(two_checkpoints, tmp_path, capsys):
@@ -200,7 +201,7 @@ def test_resume_from_another_runs_checkpoint_into_a_used_folder_is_refused(two_c
     other = copy_run(two_checkpoints, tmp_path / "other")  # a folder holding a run of its own
     cfg = dataclasses.replace(other, resume=os.path.join(two_checkpoints.out, "checkpoints", "epoch-000001"), epochs=3)
     with pytest.raises(FileExistsError, match="mix the two"):
-        fg.check_out_folder(cfg)
+        runfiles.check_out_folder(cfg)
 
 
 # --- 6. failing before the big model loads ---
@@ -313,7 +314,7 @@ def test_cli_bad_prompt_file_fails_before_the_model_loads(tmp_path, capsys, monk
 # --- held-out evaluation (issue 8, item 7) ---
 
 
-@pytest.mark.parametrize("name", list(fg.PROMPT_SETS))
+@pytest.mark.parametrize("name", list(runfiles.PROMPT_SETS))
 def test_shipped_sets_have_disjoint_train_and_test_splits(name):
     train, test = fg.load_prompts(name), fg.load_prompts(name, "test")
     assert len(test) >= 8 and len(train) >= 30

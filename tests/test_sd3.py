@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import flow_grpo as fg
+import runfiles
 import rewards
 
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -103,7 +104,7 @@ def test_lora_checkpoint_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_di
     cfg = tiny_cfg(tmp_path, epochs=2, ema=True, ema_every=1)
     model = make_model(cfg, tiny_dir)
     fg.train(cfg, model, rewards.build_reward(cfg.reward), [fg.Prompt(p) for p in PROMPTS], log=lambda s: None)
-    ckpt = fg.latest_checkpoint(cfg.out)
+    ckpt = runfiles.latest_checkpoint(cfg.out)
     assert sorted(os.listdir(ckpt)) == ["ema", "lora", "trainer_state.json", "trainer_state.safetensors"]
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for _, _, fs in os.walk(ckpt) for f in fs)  # no pickle
     x1 = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(5))
@@ -136,7 +137,7 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     # the same run stopped after 2 epochs, then resumed in a new process-like setting (fresh model)
     cut_cfg = tiny_cfg(tmp_path / "cut", epochs=2, ema=True, ema_every=1)
     fg.train(cut_cfg, make_model(cut_cfg), reward_fn, prompts, log=quiet)
-    saved = json.load(open(os.path.join(fg.latest_checkpoint(cut_cfg.out), "trainer_state.json")))
+    saved = json.load(open(os.path.join(runfiles.latest_checkpoint(cut_cfg.out), "trainer_state.json")))
     assert saved["epoch"] == 2 and saved["step"] == 2 * cut_cfg.optimizer_steps_per_epoch
     resumed_cfg = dataclasses.replace(cut_cfg, epochs=3, resume=True)
     resumed = make_model(dataclasses.replace(resumed_cfg, seed=123))  # different LoRA init: the checkpoint wins
@@ -174,11 +175,11 @@ def test_a_fresh_run_never_overwrites_an_existing_run(tmp_path):
     cfg = tiny_cfg(tmp_path, epochs=1)
     prompts = [fg.Prompt(p) for p in PROMPTS]
     fg.train(cfg, make_model(cfg), rewards.build_reward(cfg.reward), prompts, log=lambda s: None)
-    ckpt = fg.latest_checkpoint(cfg.out)
+    ckpt = runfiles.latest_checkpoint(cfg.out)
     before = sorted(os.listdir(ckpt))
     with pytest.raises(FileExistsError, match="pass --resume"):
         fg.train(cfg, make_model(cfg), rewards.build_reward(cfg.reward), prompts, log=lambda s: None)
-    assert fg.latest_checkpoint(cfg.out) == ckpt and sorted(os.listdir(ckpt)) == before
+    assert runfiles.latest_checkpoint(cfg.out) == ckpt and sorted(os.listdir(ckpt)) == before
     assert len(open(os.path.join(cfg.out, "metrics.jsonl")).readlines()) == 1
     code = fg.main(["--model", "tiny-random", "--out", cfg.out])  # the command line says so before loading
     assert code == 2
@@ -279,5 +280,5 @@ def test_prompt_files(tmp_path):
     bad.write_text('{"text": "no prompt key"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         fg.load_prompts(str(bad))
-    for name in fg.PROMPT_SETS:  # the shipped sets load
+    for name in runfiles.PROMPT_SETS:  # the shipped sets load
         assert len(fg.load_prompts(name)) >= 20

@@ -214,7 +214,7 @@ def pretrained(seed: int) -> VelocityMLP:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 5. ToyModel: the FlowModel interface that flow_grpo.train drives (SD3's is in flow_grpo.py section 11) ---
+# --- 5. ToyModel: the FlowModel interface that flow_grpo.train drives (SD3's is in flow_grpo.py section 10) ---
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -87,8 +87,8 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 # Every field is a command-line flag (--group_size 16, --no-ema, ...). Sizes derived from them are computed in
 # plan_batches (section 6), printed at start-up and checked.
 
-# β (KL weight) used by the paper for each reward; other rewards fall back to the GenEval/OCR value.
-BETA_BY_REWARD = {"pickscore": 0.01, "ocr": 0.04, "geneval": 0.04}
+# β (KL weight) of the reference's config for each reward (config/grpo.py; clipscore_sd3: 0.02); others: 0.04.
+BETA_BY_REWARD = {"pickscore": 0.01, "ocr": 0.04, "geneval": 0.04, "clipscore": 0.02}
 DEFAULT_BETA = 0.04
 
 

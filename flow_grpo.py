@@ -14,7 +14,7 @@ fine-tunes Stable Diffusion 3.5 Medium with a reward model:
 Run it:
     python toy/run.py                                   # the method on a 2D toy, laptop CPU, < 1 minute
     python flow_grpo.py --model tiny-random --reward jpeg_compressibility   # the real SD3 path, tiny random model
-    python flow_grpo.py --model sd3.5-medium --reward pickscore              # the real thing, one GPU
+    python flow_grpo.py --recipe pickscore                                   # the real thing (recipes.py), one GPU
     torchrun --nproc_per_node 8 flow_grpo.py --model sd3.5-medium --groups_per_epoch 16   # several GPUs
 
 Reading order (each section is a numbered banner below):

@@ -29,7 +29,8 @@ geneval                 [-14, 1],  ~0..1        GenEval partial credit: objects,
 
 (The typical values are for 512x512 images; JPEG sizes grow with resolution.)
 
-Why the divisors: they are the reference implementation's (flow_grpo/rewards.py: JPEG -kB/500;
+Why the divisors: they are the reference implementation's (flow_grpo/rewards.py: JPEG compressibility -kB/500, its
+incompressibility +kB is the one exception here, mirrored as +kB/500;
 pickscore_scorer.py: logit_scale*cos/26; clip_scorer.py: logits_per_image/30). A reward alone trains the
 same whatever its scale (GRPO normalises rewards by their std), but in a weighted sum such as
 "ocr=0.5,pickscore=0.5" the scales set the mix, so they must be the reference's for its weights to mean
@@ -177,8 +178,9 @@ def jpeg_incompressibility(images, prompts, metadata) -> torch.Tensor:
     """The JPEG file size in kB (quality 95), divided by 500. RANGE: [0, inf).
 
     Exactly ``-jpeg_compressibility``: rewards detail and texture. (The
-    reference registers only jpeg_compressibility for training; this is its
-    mirror image, on the same scale.) Prompts and metadata are ignored.
+    reference's jpeg_incompressibility returns +kB, undivided: it divides only
+    compressibility by 500; this one mirrors compressibility, on its scale.)
+    Prompts and metadata are ignored.
     """
     return -jpeg_compressibility(images, prompts, metadata)
 

@@ -1665,9 +1665,11 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
 
     listed = "; ".join(f"{name}: {text}" for name, text in recipes.DESCRIPTIONS.items())
     parser.add_argument("--recipe", choices=list(recipes.RECIPES), help=f"a config of the reference (recipes.py): {listed}")
-    known = parser.parse_known_args(argv)[0]
-    # flags given > --recipe > the --model preset > Config's defaults (set_defaults never overrides a given flag)
-    parser.set_defaults(**{**PRESETS.get(known.model, {}), **recipes.RECIPES.get(known.recipe, {})})
+    known, defaults = parser.parse_known_args(argv)[0], {f.name: f.default for f in dataclasses.fields(Config)}
+    # flags given > --recipe > the --model preset > Config's defaults (set_defaults never overrides a given flag); a
+    # recipe's values equal to the defaults (the paper's) leave a preset's (tiny-random: 32 px) in place
+    recipe = {k: v for k, v in recipes.RECIPES.get(known.recipe, {}).items() if v != defaults[k]}
+    parser.set_defaults(**{**PRESETS.get(known.model, {}), **recipe})
     return Config(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "recipe"})
 
 

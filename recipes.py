@@ -3,13 +3,16 @@
 Every value below was read from the authors' repository yifan123/flow_grpo, file config/grpo.py at commit 54809b5
 (the newest one stored; it holds the Fast no-CFG configs), or from config/base.py at the same commit where a config
 leaves a value at the base's default. The line of each value is named next to it ("grpo.py:181" is line 181 of
-config/grpo.py). Only what a recipe changes from flow_grpo.Config's defaults is listed; every other default already
-is the reference's value (flow_grpo.py section 1 and docs/FIDELITY.md say which).
+config/grpo.py). Each recipe lists the values that define the method, also where they equal flow_grpo.Config's
+defaults; the others (optimiser, LoRA, advantage clip, EMA schedule) are the defaults, which already are the
+reference's (docs/FIDELITY.md).
 
     python flow_grpo.py --recipe geneval-fast-nocfg                  # the reference's geneval_sd3_fast_nocfg
     python flow_grpo.py --recipe geneval-fast-nocfg --beta 0.01      # any explicit flag still wins
 
-Precedence: explicit flags > --recipe > the --model preset (flow_grpo.PRESETS) > Config's defaults.
+Precedence: explicit flags > --recipe > the --model preset (flow_grpo.PRESETS) > Config's defaults. A recipe's
+values that equal Config's defaults (the paper's) do not override a preset: `--model tiny-random --recipe
+geneval-fast-nocfg` keeps the laptop preset's 32 px and batch, and takes the recipe's sampler, guidance and loss.
 
 What a recipe does NOT take from the reference, and why:
   * the batch across GPUs. The reference's configs are written for 32 GPUs: 48 groups per epoch (64 for

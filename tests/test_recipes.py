@@ -21,12 +21,15 @@ def test_every_recipe_sets_only_config_fields_and_passes_the_batch_checks():
 def test_fast_nocfg_recipe_is_the_reference_config_and_explicit_flags_win():
     cfg = fg.parse_config(["--recipe", "geneval-fast-nocfg", "--beta", "0.01", "--model", "tiny-random"])
     # config/grpo.py geneval_sd3_fast_nocfg: guidance 1, CPS at 0.8, window 3 in (0, 5), clip range 1e-5
-    assert (cfg.guidance_scale, cfg.sde_type, cfg.noise_level, cfg.clip_range) == (1.0, "cps", 0.8, 1e-5)
+    assert (cfg.guidance_scale, cfg.sde_type, cfg.noise_level) == (1.0, "cps", 0.8)
     assert (cfg.fast_window, cfg.fast_window_start, cfg.fast_window_range) == (3, 0, 5)
-    assert (cfg.reward, cfg.prompts, cfg.group_size) == ("geneval", "geneval", 24)
+    assert (cfg.reward, cfg.prompts) == ("geneval", "geneval")
     assert cfg.beta == 0.01  # given on the command line: wins over the recipe's 0
-    assert cfg.resolution == 512  # the recipe wins over the tiny-random preset (32) ...
-    assert cfg.lr == fg.PRESETS["tiny-random"]["lr"]  # ... which still sets what the recipe leaves alone
+    assert cfg.clip_range == 1e-5  # the recipe wins over the tiny-random preset (1e-2) where it departs from the
+    assert cfg.resolution == fg.PRESETS["tiny-random"]["resolution"]  # paper's defaults; its 512 is the default,
+    assert cfg.lr == fg.PRESETS["tiny-random"]["lr"]  # so the preset's 32 px stays, as does what the recipe leaves
+    assert cfg.group_size == fg.PRESETS["tiny-random"]["group_size"]  # (the recipe's G = 24 is the default too)
+    assert fg.parse_config(["--recipe", "geneval-fast-nocfg"]).group_size == 24
     assert fg.parse_config(["--recipe", "pickscore"]).beta == 0.01 and fg.parse_config([]).beta is None
 
 

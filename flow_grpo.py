@@ -14,7 +14,7 @@ fine-tunes Stable Diffusion 3.5 Medium with a reward model:
 Run it:
     python toy/run.py                                   # the method on a 2D toy, laptop CPU, < 1 minute
     python flow_grpo.py --model tiny-random --reward jpeg_compressibility   # the real SD3 path, tiny random model
-    python flow_grpo.py --model sd3.5-medium --reward pickscore              # the real thing, one GPU
+    python flow_grpo.py --recipe pickscore                                   # the real thing (recipes.py), one GPU
     torchrun --nproc_per_node 8 flow_grpo.py --model sd3.5-medium --groups_per_epoch 16   # several GPUs
 
 Reading order (each section is a numbered banner below):
@@ -88,8 +88,8 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 # Every field is a command-line flag (--group_size 16, --no-ema, ...). Sizes derived from them are computed in
 # plan_batches (section 6), printed at start-up and checked.
 
-# β (KL weight) used by the paper for each reward; other rewards fall back to the GenEval/OCR value.
-BETA_BY_REWARD = {"pickscore": 0.01, "ocr": 0.04, "geneval": 0.04}
+# β (KL weight) of the reference's config for each reward (config/grpo.py; clipscore_sd3: 0.02); others: 0.04.
+BETA_BY_REWARD = {"pickscore": 0.01, "ocr": 0.04, "geneval": 0.04, "clipscore": 0.02}
 DEFAULT_BETA = 0.04
 
 
@@ -105,7 +105,7 @@ class Config:
     resolution: int = 512  # image side in pixels
     num_steps: int = 10  # denoising steps of the training trajectories (denoising reduction)
     eval_num_steps: int = 40  # denoising steps for evaluation (deterministic ODE)
-    guidance_scale: float = 4.5  # classifier-free guidance, in sampling AND in the training forward
+    guidance_scale: float = 4.5  # classifier-free guidance in sampling, training forward and evaluation; 1 = none
     noise_level: float = 0.7  # a in σ_t = a·√(t/(1 − t))
     # --- GRPO batch (paper: G = 24, 48 groups per epoch on 32 GPUs; here sized for ONE GPU) ---
     group_size: int = 24  # G: images per prompt
@@ -123,6 +123,7 @@ class Config:
     sde_type: str = "sde"  # "sde" (paper) or "cps" (coefficients-preserving sampling, later in the reference repo)
     fast_window: int = 0  # Flow-GRPO-Fast: SDE (and training) only on this many consecutive steps; 0 = every step
     fast_window_range: int = 5  # Fast: the window lies inside the first this-many steps, placed at random per epoch
+    fast_window_start: int = 0  # Fast: the first step the window may start at
     # --- optimiser (AdamW as in the paper) ---
     lr: float = 3e-4  # learning rate
     adam_beta1: float = 0.9  # AdamW β₁
@@ -1320,35 +1321,44 @@ class SD3Model(FlowModel):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
-        # CLIP-L + CLIP-G + T5-XXL as the pipeline does; the negative prompt is "" (the pipeline's default)
+        # CLIP-L + CLIP-G + T5-XXL as the pipeline does; the negative prompt "" (the pipeline's default) only for CFG
+        cfg_rows = self.cfg.guidance_scale != 1
         embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.text_device,
-            do_classifier_free_guidance=True, max_sequence_length=self.cfg.max_sequence_length,
+            do_classifier_free_guidance=cfg_rows, max_sequence_length=self.cfg.max_sequence_length,
         )  # fmt: skip
-        return {  # (B, L, 4096 for SD3.5) and (B, 2048) pooled
-            "embeds": embeds.to(self.device),
-            "pooled": pooled.to(self.device),
-            "neg_embeds": neg_embeds.to(self.device),
-            "neg_pooled": neg_pooled.to(self.device),
-        }
+        cond = {"embeds": embeds, "pooled": pooled} | ({"neg_embeds": neg_embeds, "neg_pooled": neg_pooled} if cfg_rows else {})
+        return {k: v.to(self.device) for k, v in cond.items()}  # (B, L, 4096 for SD3.5) and (B, 2048) pooled
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         w = self.cfg.guidance_scale
+        # w = 1 is no guidance, v = v_uncond + 1·(v_cond − v_uncond) = v_cond: only the conditional rows run, half the
+        # transformer's rows, in sampling, training and the reference forward. This is the reference's no-CFG recipe
+        # (config/grpo.py *_fast_nocfg: sample.guidance_scale = 1, train.cfg = False; diffusers' pipeline runs CFG
+        # only for guidance > 1). Its train.cfg = True at guidance 1 computes the same v from twice the rows; its
+        # train.cfg = False at guidance > 1 would train v_cond while sampling with the guided v (not offered here).
+        # Evaluation uses the same w: the reference's sample.eval_guidance_scale (config/base.py:50) equals
+        # sample.guidance_scale in every SD3 config of its config/grpo.py.
+        cfg_rows = w != 1
         grad = torch.is_grad_enabled()
         # Compiled: sampling and evaluation run in grad mode too (result detached), so they run the very graph the
         # training forward runs: a no-grad graph is fused differently, its log-probs can differ from training's in the
         # last bits and the first ratio would not be exactly 1. The price: the activations a backward would need are
         # written (and freed at once). No-grad calls bypass DDP, which expects a backward after a grad forward.
         with torch.enable_grad() if self.compiled else contextlib.nullcontext():
-            # CFG in ONE forward: rows [unconditional; conditional]                    (2N, C, H, W)
+            # CFG in ONE forward: rows [unconditional; conditional] (2N, C, H, W); without CFG the conditional ones (N, ...)
+            rows = 2 if cfg_rows else 1
             out = (self.net if grad else self.transformer)(
-                hidden_states=torch.cat([x, x]).to(self.dtype),
-                timestep=torch.cat([t, t]).to(self.device) * 1000,  # the transformer is fed 1000·t
-                encoder_hidden_states=torch.cat([cond["neg_embeds"], cond["embeds"]]),
-                pooled_projections=torch.cat([cond["neg_pooled"], cond["pooled"]]),
+                hidden_states=torch.cat([x] * rows).to(self.dtype),
+                timestep=torch.cat([t] * rows).to(self.device) * 1000,  # the transformer is fed 1000·t
+                encoder_hidden_states=torch.cat([cond["neg_embeds"], cond["embeds"]]) if cfg_rows else cond["embeds"],
+                pooled_projections=torch.cat([cond["neg_pooled"], cond["pooled"]]) if cfg_rows else cond["pooled"],
                 return_dict=False,
             )[0]
-        v_uncond, v_cond = (out if grad else out.detach()).float().chunk(2)  # (N, C, H, W) each
+        out = (out if grad else out.detach()).float()
+        if not cfg_rows:
+            return out  # v = v_cond                                                   (N, C, H, W)
+        v_uncond, v_cond = out.chunk(2)  # (N, C, H, W) each
         # v = v_uncond + w·(v_cond − v_uncond)
         return v_uncond + w * (v_cond - v_uncond)
 
@@ -1456,9 +1466,16 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments.get(f.name))
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=comments.get(f.name))
-    model = parser.parse_known_args(argv)[0].model
-    parser.set_defaults(**PRESETS.get(model, {}))  # a preset replaces the paper's defaults, not explicit flags
-    return Config(**vars(parser.parse_args(argv)))
+    import recipes  # the reference's named configs, each value with its source line
+
+    listed = "; ".join(f"{name}: {text}" for name, text in recipes.DESCRIPTIONS.items())
+    parser.add_argument("--recipe", choices=list(recipes.RECIPES), help=f"a config of the reference (recipes.py): {listed}")
+    known, defaults = parser.parse_known_args(argv)[0], {f.name: f.default for f in dataclasses.fields(Config)}
+    # flags given > --recipe > the --model preset > Config's defaults (set_defaults never overrides a given flag); a
+    # recipe's values equal to the defaults (the paper's) leave a preset's (tiny-random: 32 px) in place
+    recipe = {k: v for k, v in recipes.RECIPES.get(known.recipe, {}).items() if v != defaults[k]}
+    parser.set_defaults(**{**PRESETS.get(known.model, {}), **recipe})
+    return Config(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "recipe"})
 
 
 def _field_comments() -> dict[str, str]:

@@ -29,7 +29,8 @@ geneval                 [-14, 1],  ~0..1        GenEval partial credit: objects,
 
 (The typical values are for 512x512 images; JPEG sizes grow with resolution.)
 
-Why the divisors: they are the reference implementation's (flow_grpo/rewards.py: JPEG -kB/500;
+Why the divisors: they are the reference implementation's (flow_grpo/rewards.py: JPEG compressibility -kB/500, its
+incompressibility +kB is the one exception here, mirrored as +kB/500;
 pickscore_scorer.py: logit_scale*cos/26; clip_scorer.py: logits_per_image/30). A reward alone trains the
 same whatever its scale (GRPO normalises rewards by their std), but in a weighted sum such as
 "ocr=0.5,pickscore=0.5" the scales set the mix, so they must be the reference's for its weights to mean
@@ -177,8 +178,9 @@ def jpeg_incompressibility(images, prompts, metadata) -> torch.Tensor:
     """The JPEG file size in kB (quality 95), divided by 500. RANGE: [0, inf).
 
     Exactly ``-jpeg_compressibility``: rewards detail and texture. (The
-    reference registers only jpeg_compressibility for training; this is its
-    mirror image, on the same scale.) Prompts and metadata are ignored.
+    reference's jpeg_incompressibility returns +kB, undivided: it divides only
+    compressibility by 500; this one mirrors compressibility, on its scale.)
+    Prompts and metadata are ignored.
     """
     return -jpeg_compressibility(images, prompts, metadata)
 
@@ -354,6 +356,33 @@ def load_pretrained(what: str, name: str, loader):
         ) from err
 
 
+def clip_pixel_values(images: torch.Tensor, image_processor) -> torch.Tensor:
+    """CLIP's input (N, 3, h, w) from images (N, 3, H, W) in [0, 1] as the reference's CLIP score prepares it
+    (flow_grpo/clip_scorer.py: torchvision Resize, CenterCrop and Normalize built from the processor's config, applied
+    to the FLOAT pixels): the short side resized to size["shortest_edge"] (the long side to int(short·long/short_side),
+    torchvision's rule) by bilinear interpolation with antialiasing (torchvision's tensor Resize is
+    F.interpolate(..., antialias=True) since 0.17; the reference pins 0.21), the centre crop_size cut out (top =
+    round((H − h)/2)), then (x − mean)/std. The processor's own path rounds to 8 bits and resizes bicubically (PIL)."""
+    x = images.detach().float()
+    if image_processor.do_resize:
+        size, (h, w) = image_processor.size, x.shape[-2:]
+        if "shortest_edge" in size:
+            short = size["shortest_edge"]
+            hw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+        else:
+            hw = (size["height"], size["width"])
+        x = torch.nn.functional.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+    if image_processor.do_center_crop:
+        (h, w), ch, cw = x.shape[-2:], image_processor.crop_size["height"], image_processor.crop_size["width"]
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+        x = x[..., top : top + ch, left : left + cw]
+    if image_processor.do_normalize:
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device)[:, None, None] for v in
+                     (image_processor.image_mean, image_processor.image_std))  # fmt: skip
+        x = (x - mean) / std
+    return x
+
+
 class ClipReward:
     """Scores images against their prompts with a CLIP model.
 
@@ -366,7 +395,9 @@ class ClipReward:
     ``device``, and run without gradients: rewards are a black box to GRPO.
     """
 
-    def __init__(self, model_id: str, processor_id: str | None = None, device="cpu", divisor: float = 1.0):
+    def __init__(self, model_id: str, processor_id: str | None = None, device="cpu", divisor: float = 1.0,
+                 float_pixels: bool = False):  # fmt: skip
+        self.float_pixels = float_pixels  # clip_pixel_values (the reference's CLIP score) instead of the PIL processor
         self.model_id = str(model_id)
         # Why the fallback: most CLIP checkpoints ship their own processor files.
         self.processor_id = str(processor_id) if processor_id is not None else self.model_id
@@ -395,9 +426,10 @@ class ClipReward:
     def __call__(self, images, prompts, metadata) -> torch.Tensor:
         if self.model is None:
             self._load()
-        # Why PIL: the processor's own resize/crop/normalise is what the model
-        # was trained with; re-implementing it in torch could drift from it.
-        pixels = self.processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
+        if self.float_pixels:  # the reference's CLIP score: torchvision's transforms on the float pixels
+            pixels = clip_pixel_values(images, self.processor.image_processor)
+        else:  # PickScore as the reference scores it: the processor on 8-bit PIL images
+            pixels = self.processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
         text = self.processor(
             text=list(prompts),
             padding=True,
@@ -439,7 +471,7 @@ def clipscore(device="cpu", model_id: str = CLIPSCORE_MODEL, processor_id: str |
     ViT-L/14 (scale 100) matching pairs have cosines of 0.25 to 0.40 (score 0.8 to
     1.3) and unrelated pairs 0.10 to 0.20. ``processor_id`` defaults to ``model_id``.
     """
-    return ClipReward(model_id, processor_id, device=device, divisor=CLIPSCORE_DIVISOR)
+    return ClipReward(model_id, processor_id, device=device, divisor=CLIPSCORE_DIVISOR, float_pixels=True)
 
 
 # --------------------------------------------------------------------------

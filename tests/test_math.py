@@ -200,12 +200,16 @@ def test_sampled_step_recomputes_to_the_same_log_prob(reduce):
 
 
 def test_sampled_noise_has_the_step_std():
-    """x' = mean + std·ε with ε ~ N(0, I): the standardised residuals have mean 0 and variance 1."""
+    """x' = mean + std·ε with ε ~ N(0, I) and std = σ_t·√(−dt), σ_t = a·√(t/(1 − t)) (1 − t taken at t' when t = 1):
+    the residuals standardised by that std, written out here, have mean 0 and variance 1. A step whose noise were
+    σ_t·ε (without √(−dt)) would leave variance 1/|dt| = 10 or 5 here."""
     x = torch.randn(4, 8, 64, 64, generator=gen(5))
     v = torch.randn(4, 8, 64, 64, generator=gen(6))
-    x_next, _, mean, std = fg.sde_step(x, v, torch.tensor([1.0, 0.8, 0.5, 0.2]), torch.tensor([0.9, 0.6, 0.4, 0.0]),
-                                       0.7, generator=gen(7))
-    z = ((x_next - mean) / std).flatten(1)  # (4, 32768)
+    t, t_next, a = torch.tensor([1.0, 0.8, 0.5, 0.2]), torch.tensor([0.9, 0.6, 0.4, 0.0]), 0.7
+    x_next, _, mean, std = fg.sde_step(x, v, t, t_next, a, generator=gen(7))
+    expected = a * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t))) * torch.sqrt(t - t_next)  # (4,)
+    torch.testing.assert_close(std.flatten(), expected, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+    z = ((x_next - mean) / expected[:, None, None, None]).flatten(1)  # (4, 32768)
     n = z.shape[1]
     assert z.mean(1).abs().max() < 5 / math.sqrt(n)
     assert (z.var(1) - 1).abs().max() < 5 * math.sqrt(2 / n)

@@ -228,14 +228,56 @@ def test_pickscore_on_tiny_clip_matches_clip_logits(tiny_clip):
     assert not reward.model.training
 
 
-def test_clipscore_on_tiny_clip_is_the_logit_over_30(tiny_clip):
+def antialiased_bilinear(x: torch.Tensor, out: int, dim: int) -> torch.Tensor:
+    """Resample `dim` of x to `out` samples by the definition of antialiased bilinear interpolation (PIL's filter,
+    which torchvision's Resize(antialias=True) and torch's interpolate(antialias=True) implement): output i is the
+    mean of the inputs j weighted by a triangle of half-width max(n/out, 1) input pixels centred at (i + ½)·n/out,
+    the weights renormalised to sum 1. Float64, written out, one output at a time."""
+    n = x.shape[dim]
+    scale = n / out
+    support = max(scale, 1.0)
+    weights = torch.zeros(out, n, dtype=torch.float64)
+    for i in range(out):
+        centre = (i + 0.5) * scale
+        for j in range(n):
+            weights[i, j] = max(0.0, 1 - abs(j + 0.5 - centre) / support)
+    weights /= weights.sum(dim=1, keepdim=True)
+    return torch.movedim(torch.tensordot(weights, torch.movedim(x.double(), dim, 0), dims=1), 0, dim)
+
+
+def test_clipscore_preprocesses_the_float_pixels_as_the_reference(tiny_clip):
+    """The reference's CLIP score (flow_grpo/clip_scorer.py) runs torchvision's Resize(shortest_edge) (bilinear,
+    antialias) / CenterCrop / Normalize on the float pixels, not the processor's 8-bit bicubic PIL path."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    images, prompts, metadata = clip_batch()  # (3, 3, 48, 40) in [0, 1]
+    image_processor = CLIPProcessor.from_pretrained(tiny_clip).image_processor  # shortest edge 32, crop 32 x 32
+    # Resize(32): the short side 40 → 32, the long side 48 → int(32·48/40) = 38; CenterCrop(32): rows round(6/2) = 3..34
+    x = antialiased_bilinear(antialiased_bilinear(images, 38, dim=2), 32, dim=3)[:, :, 3:35, :]
+    mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (image_processor.image_mean, image_processor.image_std))
+    expected = (x - mean) / std
+    pixels = rewards.clip_pixel_values(images, image_processor)
+    # Bound: torch resamples in float32. Each weight comes from a position up to n = 48 pixels, rounded to u·n and
+    # divided by the support (≥ 1), so it errs by ≤ 2·n·u (another factor 2 for the renormalisation); a pass sums ≤ 5
+    # such products with values in [0, 1] (support 48/38 < 2 input pixels each side), so it errs by ≤ 5·(4n + 1)·u;
+    # two passes, then a division by std ≥ min(std).
+    u = torch.finfo(torch.float32).eps / 2
+    bound = 2 * 5 * (4 * 48 + 1) * u / min(image_processor.image_std)
+    assert pixels.shape == expected.shape == (3, 3, 32, 32)
+    assert (pixels.double() - expected).abs().max() <= bound
+    # ... and it is not the processor's path (8-bit rounding, bicubic), which the bound would not cover
+    pil = CLIPProcessor.from_pretrained(tiny_clip)(images=[Image.fromarray(a) for a in rewards.to_uint8(images).permute(0, 2, 3, 1).numpy()], return_tensors="pt")["pixel_values"]  # fmt: skip
+    assert (pil.double() - expected).abs().max() > 10 * bound
+
     reward = rewards.clipscore(model_id=tiny_clip)
-    images, prompts, metadata = clip_batch()
     scores = reward(images, prompts, metadata)
     assert_scores(scores, 3)
-    logits, scale = reference_logits(tiny_clip, images, prompts)
-    assert (scores.abs() <= scale / 30 + 1e-6).all()  # |cosine| <= 1
-    torch.testing.assert_close(scores, logits / 30, rtol=1e-4, atol=1e-4)  # the reference's scale: logit / 30
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    text = CLIPProcessor.from_pretrained(tiny_clip)(text=prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():  # the reference's call: model(pixel_values, texts padded to 77).logits_per_image / 30
+        logits = model(pixel_values=expected.float(), **text).logits_per_image.diagonal()
+    assert (scores.abs() <= model.logit_scale.exp() / 30 + 1e-6).all()  # |cosine| <= 1
+    torch.testing.assert_close(scores, logits / 30, rtol=1e-4, atol=1e-4)  # as the PickScore test: the same inputs
 
 
 def test_clip_reward_missing_folder_raises_clear_error(tmp_path):

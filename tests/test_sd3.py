@@ -66,9 +66,10 @@ def our_images(model, x1, steps, prompts=PROMPTS, noise_level=0.0):
     return model.decode(traj.latents[:, -1])
 
 
-@pytest.mark.parametrize("trained", [False, True])
-def test_ode_rollout_reproduces_the_diffusers_pipeline(tmp_path, tiny_dir, trained):
-    cfg = tiny_cfg(tmp_path)
+@pytest.mark.parametrize("trained, guidance", [(False, 4.5), (True, 4.5), (True, 1.0)])
+def test_ode_rollout_reproduces_the_diffusers_pipeline(tmp_path, tiny_dir, trained, guidance):
+    # guidance 1: the pipeline runs no CFG (do_classifier_free_guidance is guidance > 1), nor do we
+    cfg = tiny_cfg(tmp_path, guidance_scale=guidance)
     model = make_model(cfg, tiny_dir)
     if trained:  # the pipeline runs the same transformer, adapter included
         perturb_lora(model)
@@ -98,6 +99,69 @@ def test_first_training_ratio_is_exactly_one(tmp_path):
     assert stats["ratio"] == 1.0
     assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
     assert stats["kl_ref"] > 0
+
+
+def count_transformer_rows(model) -> list[int]:
+    """The batch rows of every transformer call from now on (a forward pre-hook on the tiny model's transformer)."""
+    rows = []
+    model.transformer.register_forward_pre_hook(lambda m, args, kw: rows.append(len(kw["hidden_states"])), with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("guidance", [4.5, 1.0])
+def test_guidance_one_runs_half_the_transformer_rows(tmp_path, guidance):
+    """Sampling, the training forward and the reference forward (β > 0) each run one row per image at guidance 1
+    (no CFG: v = v_cond), two with CFG; the same calls either way, so exactly half the rows in all."""
+    cfg = tiny_cfg(tmp_path, guidance_scale=guidance, beta=0.04, eval_every=1, eval_count=2, lr=0.0, weight_decay=0.0,
+                   epochs=1, num_steps=4, eval_num_steps=2)
+    model = make_model(cfg)
+    rows = count_transformer_rows(model)
+    fg.train(cfg, model, rewards.build_reward(cfg.reward), [fg.Prompt(p) for p in PROMPTS], log=lambda s: None)
+    b, T, S = cfg.batch_size, cfg.num_steps, int(cfg.num_steps * cfg.timestep_fraction)
+    batches = cfg.groups_per_epoch * cfg.group_size // b
+    calls = cfg.epochs * (batches * T + batches * S * 2 + cfg.eval_num_steps)  # sampling, policy + reference, eval
+    per_image = 1 if guidance == 1 else 2
+    assert rows == [per_image * b] * calls
+    if guidance == 1:  # the negative prompt is not even encoded
+        assert sorted(model.encode(PROMPTS)) == ["embeds", "pooled"]
+
+
+def test_guidance_one_velocity_is_the_conditional_velocity(tmp_path):
+    # v = v_u + 1·(v_c − v_u) is v_c: the cond-only forward against the conditional half of the CFG forward (same
+    # weights, same rows; the CFG batch holds the unconditional rows too, so the transformer sees a batch of 2N
+    # instead of N, and float32 matmuls over another batch size may round differently: ≤ a few ulp of |v|)
+    cfg = tiny_cfg(tmp_path, guidance_scale=1.0)
+    model = make_model(cfg)
+    perturb_lora(model)
+    x, t = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(4)), torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        v = model.velocity(x, t, model.encode(PROMPTS))
+        model.cfg = dataclasses.replace(cfg, guidance_scale=2.0)
+        cond = model.encode(PROMPTS)
+        out = model.transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]) * 1000, return_dict=False,
+                                encoder_hidden_states=torch.cat([cond["neg_embeds"], cond["embeds"]]),
+                                pooled_projections=torch.cat([cond["neg_pooled"], cond["pooled"]]))[0]  # fmt: skip
+    torch.testing.assert_close(v, out[2:], rtol=0, atol=16 * torch.finfo(F32).eps * out.abs().max().item())
+
+
+def test_cfg_training_forward_sends_gradient_through_both_halves(tmp_path):
+    """The reference's train.cfg = True forward lets the gradient flow through the unconditional half too (a July
+    2025 version detached it). With v = v_u + w·(v_c − v_u), the transformer's output rows receive ∂L/∂v_u = (1 − w)·g
+    and ∂L/∂v_c = w·g for the upstream gradient g = ∂L/∂v: both non-zero, in that ratio."""
+    cfg = tiny_cfg(tmp_path)  # guidance 4.5
+    model = make_model(cfg)
+    perturb_lora(model)
+    grads = []
+    model.transformer.register_forward_hook(lambda m, args, out: [out[0].register_hook(grads.append), None][1])
+    x, t = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(5)), torch.tensor([0.8, 0.5])
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    (model.velocity(x, t, model.encode(PROMPTS)) * g).sum().backward()
+    (grad_out,) = grads
+    w = cfg.guidance_scale
+    # one float32 rounding each (g − w·g and w·g): 2 ulp
+    torch.testing.assert_close(grad_out[:2], (1 - w) * g, rtol=2 * torch.finfo(F32).eps, atol=0)
+    torch.testing.assert_close(grad_out[2:], w * g, rtol=2 * torch.finfo(F32).eps, atol=0)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.trainable_parameters())
 
 
 def test_lora_checkpoint_loads_into_a_fresh_diffusers_pipeline(tmp_path, tiny_dir):

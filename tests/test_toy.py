@@ -23,7 +23,7 @@ REQUIRED_KEYS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{β: (metrics, out folder)} for β = 0.3 (the default) and β = 0."""
+    """{β: (metrics, out folder)} for β = toy.TOY_BETA = 3 (the default) and β = 0."""
     results = {}
     for beta in (toy.TOY_BETA, 0.0):
         out = str(tmp_path_factory.mktemp(f"toy_beta{beta}"))

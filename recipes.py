@@ -1,0 +1,97 @@
+"""The reference implementation's named SD3.5-M configs, one `--recipe NAME` each.
+
+Every value below was read from the authors' repository yifan123/flow_grpo, file config/grpo.py at commit 54809b5
+(the newest one stored; it holds the Fast no-CFG configs), or from config/base.py at the same commit where a config
+leaves a value at the base's default. The line of each value is named next to it ("grpo.py:181" is line 181 of
+config/grpo.py). Each recipe lists the values that define the method, also where they equal flow_grpo.Config's
+defaults; the others (optimiser, LoRA, advantage clip, EMA schedule) are the defaults, which already are the
+reference's (docs/FIDELITY.md).
+
+    python flow_grpo.py --recipe geneval-fast-nocfg                  # the reference's geneval_sd3_fast_nocfg
+    python flow_grpo.py --recipe geneval-fast-nocfg --beta 0.01      # any explicit flag still wins
+
+Precedence: explicit flags > --recipe > the --model preset (flow_grpo.PRESETS) > Config's defaults. A recipe's
+values that equal Config's defaults (the paper's) do not override a preset: `--model tiny-random --recipe
+geneval-fast-nocfg` keeps the laptop preset's 32 px and batch, and takes the recipe's sampler, guidance and loss.
+
+What a recipe does NOT take from the reference, and why:
+  * the batch across GPUs. The reference's configs are written for 32 GPUs: 48 groups per epoch (64 for
+    pickscore_sd3_fast_nocfg) in sampling batches of 9 per GPU. Here --groups_per_epoch keeps its one-GPU default
+    (2) and --batch_size its default (8, which divides 2 x 24; the reference's 9 does not), except where the
+    group size is 18 and 9 divides 2 x 18. Set --groups_per_epoch for more GPUs (README, torchrun).
+  * the prompts. The reference trains on its dataset/<name> folders; a recipe names this project's shipped set
+    for the same task (geneval, ocr; general for the pickscore data). `--prompts dataset/pickscore` reads the
+    reference's own folder if you have it.
+  * the reward names map one to one: the reference's "geneval", "ocr", "pickscore", "jpeg_compressibility" are the
+    rewards of the same names in rewards.py (its "clipscore" too, but clipscore_sd3 is skipped, below).
+
+Configs of config/grpo.py that are NOT offered, and why:
+  * compressibility: the base the others build on; alone it samples one image per prompt (no groups).
+  * clipscore_sd3: sets sample.same_latent = True (grpo.py:276): every image of a group starts from the same
+    initial noise, so a group differs only by the SDE's noise. This code draws independent noise per image.
+  * pickscore_sd3_fast: uses sample.mini_num_image_per_prompt and sample.train_num_steps, which
+    scripts/train_sd3_fast.py (commit 74db691) never reads; with its sample.train_batch_size = 1 on 32 GPUs that
+    script's DistributedKRepeatSampler asserts that 24 divides 32 and stops.
+  * general_ocr_sd3_4gpu, pickscore_sd3_4gpu: the paper's recipes at a group size of 16 (--recipe ocr
+    --group_size 16 is the same method).
+  * general_ocr_sd3_1gpu, pickscore_sd3_1gpu, geneval_sd3_1gpu, seedscore_sd3_1gpu: sample.solver = 'dpm2' and
+    sample.deterministic, a sampler this code does not have (and the "seedscore" reward).
+  * the FLUX, Kontext, Wan2.1, Qwen-Image(-Edit) and BAGEL configs: other models; this code trains SD3 pipelines.
+"""
+
+# the paper's three SD3.5-M configs (scripts/train_sd3.py): CFG 4.5 in sampling and in the training forward
+_PAPER = dict(
+    num_steps=10,  # grpo.py:99, 141, 221
+    eval_num_steps=40,  # grpo.py:100, 142, 222
+    guidance_scale=4.5,  # grpo.py:101, 143, 223 (train.cfg = True: base.py:95)
+    resolution=512,  # grpo.py:103, 145, 225
+    group_size=24,  # grpo.py:105, 147, 227 (num_image_per_prompt)
+    timestep_fraction=0.99,  # grpo.py:113, 155, 235
+    noise_level=0.7,  # base.py:61 (none of the three sets it)
+    sde_type="sde",  # the default of sd3_sde_with_logprob (none of the three sets sample.sde_type)
+    clip_range=1e-4,  # base.py:99 (train.clip_range)
+    global_std=True,  # grpo.py:117, 157, 237
+    ema=True,  # grpo.py:120, 159, 239
+)
+
+# Flow-GRPO-Fast without CFG (scripts/train_sd3_fast.py): guidance 1 in sampling, evaluation and training (one
+# transformer row per image, flow_grpo.SD3Model.velocity), CPS, an SDE window of 3 steps inside the first 5 of 10
+_FAST_NOCFG = dict(
+    num_steps=10,  # grpo.py:179, 339
+    eval_num_steps=40,  # grpo.py:180, 340
+    guidance_scale=1.0,  # grpo.py:181, 341; eval_guidance_scale = 1 (grpo.py:182, 342); train.cfg = False (183, 343)
+    resolution=512,  # grpo.py:185, 345
+    clip_range=1e-5,  # grpo.py:194, 354
+    beta=0.0,  # grpo.py:195, 355
+    global_std=True,  # grpo.py:196, 356
+    noise_level=0.8,  # grpo.py:197, 357
+    fast_window=3,  # grpo.py:198, 358 (sample.sde_window_size)
+    fast_window_start=0,  # grpo.py:199, 359: sample.sde_window_range = (0, num_steps // 2) ...
+    fast_window_range=5,  # ... = (0, 5): the window's 3 steps start at 0, 1 or 2
+    sde_type="cps",  # grpo.py:200, 360
+    ema=True,  # grpo.py:201, 361
+)
+
+RECIPES: dict[str, dict] = {
+    # general_ocr_sd3 (grpo.py:92): dataset/ocr (95), reward {"ocr": 1.0} (126), β 0.04 (115)
+    "ocr": dict(_PAPER, reward="ocr", prompts="ocr", beta=0.04),
+    # geneval_sd3 (grpo.py:134): dataset/geneval (137), reward {"geneval": 1.0} (164), β 0.04 (156)
+    "geneval": dict(_PAPER, reward="geneval", prompts="geneval", beta=0.04),
+    # pickscore_sd3 (grpo.py:214): dataset/pickscore (217), reward {"pickscore": 1.0} (244), β 0.01 (236)
+    "pickscore": dict(_PAPER, reward="pickscore", prompts="general", beta=0.01),
+    # geneval_sd3_fast_nocfg (grpo.py:172): dataset/geneval (175), G = 24 (187), reward {"geneval": 1.0} (206)
+    "geneval-fast-nocfg": dict(_FAST_NOCFG, reward="geneval", prompts="geneval", group_size=24),
+    # pickscore_sd3_fast_nocfg (grpo.py:332): dataset/pickscore (335), G = 18 (347), batch 9 (346; 9 divides
+    # 2 x 18), reward {"pickscore": 1.0} (366)
+    "pickscore-fast-nocfg": dict(_FAST_NOCFG, reward="pickscore", prompts="general", group_size=18, batch_size=9),
+}
+
+# one line each for --help
+DESCRIPTIONS = {
+    "ocr": "general_ocr_sd3: the paper's OCR run (CFG 4.5, SDE a = 0.7, beta 0.04)",
+    "geneval": "geneval_sd3: the paper's GenEval run (CFG 4.5, SDE a = 0.7, beta 0.04)",
+    "pickscore": "pickscore_sd3: the paper's PickScore run (CFG 4.5, SDE a = 0.7, beta 0.01)",
+    "geneval-fast-nocfg": "geneval_sd3_fast_nocfg: no CFG (guidance 1), CPS a = 0.8, a 3-step SDE window in the "
+    "first 5 of 10, clip range 1e-5, beta 0",
+    "pickscore-fast-nocfg": "pickscore_sd3_fast_nocfg: as geneval-fast-nocfg with PickScore and G = 18",
+}

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import flow_grpo as fg
+import runfiles
 
 PROMPTS = ["left", "right", "up", "constant"]  # the last group's rewards are all equal
 TARGETS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, 1.0)}
@@ -219,7 +220,7 @@ def test_ema_after_k_optimiser_steps_through_train_follows_the_hand_sequence(tmp
             shadow = [d * sh + (1 - d) * w for sh, w in zip(shadow, weights)]
             updates += 1
     assert updates == 3
-    state = load_file(os.path.join(fg.latest_checkpoint(cfg.out), "trainer_state.safetensors"))
+    state = load_file(os.path.join(runfiles.latest_checkpoint(cfg.out), "trainer_state.safetensors"))
     ema = [state[f"ema.{i}"].double() for i in range(len(shadow))]
     for e, h, w in zip(ema, shadow, after_step[-1]):
         # each update rounds twice (d·shadow, then + (1 − d)·w) in float32, relative to max |w| over the run

@@ -59,7 +59,6 @@ the math never pay for them.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -1427,67 +1426,12 @@ def check_reward(reward_fn: Callable, cfg: Config, prompts: list[Prompt]) -> Non
         raise RewardError(f"--reward {cfg.reward} fails on a blank image with the first prompts: {e}") from e
 
 
-# --model tiny-random is a laptop demo of the real path: the paper's sizes would take hours on a CPU even for a
-# 2 MB model, so it gets its own defaults (any flag given on the command line still wins).
-PRESETS = {
-    "tiny-random": dict(
-        resolution=32,  # the tiny VAE: 32 px images, 4x16x16 latents
-        # 32 images/epoch in 8 batches of 4, one optimiser step each: more, smaller PPO steps per epoch (measured over
-        # seeds 0-4: the training reward rose in every seed, against 2 of 5 with 2 steps of 16)
-        group_size=8, groups_per_epoch=4, batch_size=4, optimizer_steps_per_epoch=8, epochs=10,
-        eval_num_steps=20, eval_every=5, eval_count=4, save_every=5,
-        # A random model's JPEG sizes differ by a few bytes between samples, so the signal per epoch is weak: larger
-        # steps (lr 3e-2 instead of 3e-4, clip range 1e-2 instead of 1e-4) make the rise visible in 10 epochs.
-        lr=3e-2, clip_range=1e-2,
-        # The JPEG reward on the reference's scale (kB/500): a random 32 px model's samples differ by ~1e-5, below
-        # GRPO's 1e-4 std epsilon, so the advantages are ~0.2 and the gradients of a log-prob averaged over 1024
-        # latent elements fall below AdamW's ε = 1e-8, which then damps every update (measured: the reward stays
-        # flat). ε = 1e-15 lets Adam normalise them as it does at SD3.5-M's scale.
-        adam_eps=1e-15,
-        # β = 0: the KL to a RANDOM reference guards nothing, and it pulls the LoRA back (measured here: with
-        # β = 0.01 the reward stays flat over the 10 epochs). The KL code path is the same; only its weight is 0.
-        beta=0.0,
-        ema_every=1,  # 20 optimiser steps in all: the paper's every-8-steps EMA would barely move
-        max_sequence_length=32,  # the tiny tokenizers spell prompts letter by letter
-        out="runs/tiny-random",
-    ),
-}
-
-
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
-    """The command line, generated from Config: every field is a flag with its default and comment."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    comments = _field_comments()
-    for f in dataclasses.fields(Config):
-        kind = {"Optional[float]": float}.get(str(f.type), None) or {"int": int, "float": float, "str": str}.get(str(f.type))
-        if f.name == "resume":  # --resume alone means the latest checkpoint, --resume PATH that one
-            parser.add_argument("--resume", nargs="?", const="latest", default="", metavar="PATH", help=comments[f.name])
-        elif str(f.type) == "bool":
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=comments.get(f.name))
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=comments.get(f.name))
-    import recipes  # the reference's named configs, each value with its source line
+    """The command line, generated from Config: every field is a flag with its default and comment; --model
+    presets and the reference's named configs (--recipe) fill in defaults (recipes.py)."""
+    import recipes
 
-    listed = "; ".join(f"{name}: {text}" for name, text in recipes.DESCRIPTIONS.items())
-    parser.add_argument("--recipe", choices=list(recipes.RECIPES), help=f"a config of the reference (recipes.py): {listed}")
-    known, defaults = parser.parse_known_args(argv)[0], {f.name: f.default for f in dataclasses.fields(Config)}
-    # flags given > --recipe > the --model preset > Config's defaults (set_defaults never overrides a given flag); a
-    # recipe's values equal to the defaults (the paper's) leave a preset's (tiny-random: 32 px) in place
-    recipe = {k: v for k, v in recipes.RECIPES.get(known.recipe, {}).items() if v != defaults[k]}
-    parser.set_defaults(**{**PRESETS.get(known.model, {}), **recipe})
-    return Config(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "recipe"})
-
-
-def _field_comments() -> dict[str, str]:
-    """The '# ...' comment after each Config field, used as its --help text."""
-    import inspect
-
-    out = {}
-    for line in inspect.getsource(Config).splitlines():
-        if ":" in line and "#" in line and "=" in line:
-            name = line.split(":")[0].strip()
-            out[name] = line.split("#", 1)[1].strip().replace("%", "%%")
-    return out
+    return recipes.parse_config(Config, argv, description=__doc__.split("\n\n")[0])
 
 
 def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype]:

@@ -26,9 +26,9 @@ def test_fast_nocfg_recipe_is_the_reference_config_and_explicit_flags_win():
     assert (cfg.reward, cfg.prompts) == ("geneval", "geneval")
     assert cfg.beta == 0.01  # given on the command line: wins over the recipe's 0
     assert cfg.clip_range == 1e-5  # the recipe wins over the tiny-random preset (1e-2) where it departs from the
-    assert cfg.resolution == fg.PRESETS["tiny-random"]["resolution"]  # paper's defaults; its 512 is the default,
-    assert cfg.lr == fg.PRESETS["tiny-random"]["lr"]  # so the preset's 32 px stays, as does what the recipe leaves
-    assert cfg.group_size == fg.PRESETS["tiny-random"]["group_size"]  # (the recipe's G = 24 is the default too)
+    assert cfg.resolution == recipes.PRESETS["tiny-random"]["resolution"]  # paper's defaults; its 512 is the default,
+    assert cfg.lr == recipes.PRESETS["tiny-random"]["lr"]  # so the preset's 32 px stays, as does what the recipe leaves
+    assert cfg.group_size == recipes.PRESETS["tiny-random"]["group_size"]  # (the recipe's G = 24 is the default too)
     assert fg.parse_config(["--recipe", "geneval-fast-nocfg"]).group_size == 24
     assert fg.parse_config(["--recipe", "pickscore"]).beta == 0.01 and fg.parse_config([]).beta is None
 

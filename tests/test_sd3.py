@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import flow_grpo as fg
+import recipes
 import runfiles
 import rewards
 
@@ -19,7 +20,7 @@ CPU, F32 = torch.device("cpu"), torch.float32
 
 def tiny_cfg(tmp_path, **kw) -> fg.Config:
     """The tiny-random preset with a few test-sized changes."""
-    base = dict(fg.PRESETS["tiny-random"], model="tiny-random", reward="jpeg_compressibility", out=str(tmp_path / "run"))
+    base = dict(recipes.PRESETS["tiny-random"], model="tiny-random", reward="jpeg_compressibility", out=str(tmp_path / "run"))
     base.update(group_size=4, groups_per_epoch=2, batch_size=4, optimizer_steps_per_epoch=2, epochs=2, eval_every=0,
                 save_every=0, ema=False)
     base.update(kw)

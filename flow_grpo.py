@@ -32,9 +32,9 @@ Reading order (each section is a numbered banner below):
    11. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
    12. Prompts and the held-out evaluation set, checks before the model loads, command line
 
-Importing this file is cheap: torch only (and runfiles.py, the checked file plumbing: standard library). diffusers,
-transformers, peft and the rewards are imported inside the functions that need them, so the toy and the tests of
-the math never pay for them.
+Importing this file is cheap: torch only (and runfiles.py, the checked file plumbing, and compat.py, the torch
+version look-ups). diffusers, transformers, peft and the rewards are imported inside the functions that need them,
+so the toy and the tests of the math never pay for them.
 """
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,6 +72,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+import compat  # the torch versions supported (APIs newer than the lowest are looked up there), quiet libraries
 # the files a run reads and writes, checked (plumbing kept out of this file; standard library only)
 from runfiles import (
     PROMPT_SETS, CheckpointError, atomic_write_text, claim_metrics, file_manifest, lock_out_folder,
@@ -150,6 +151,7 @@ class Config:
     cpu: bool = False  # run on the CPU (float32) even where a GPU exists; under torchrun every process, with gloo
     dist_timeout_s: float = 600.0  # torchrun: a rank that does not answer for this long ends the run (not a hang)
     compile: str = "auto"  # torch.compile the transformer blocks: "on", "off", "auto" (on with CUDA, off on a CPU)
+    allow_tf32: bool = True  # CUDA: float32 matmuls (LoRA branch, VAE, reward models) on TF32 cores, as the reference
 
     def resolved_beta(self) -> float:
         if self.beta is not None:
@@ -1149,7 +1151,7 @@ def train(
         # DDP averages the gradients over processes on backward (and starts every process from rank 0's weights).
         # No buffers to broadcast: the frozen networks have none that change, and evaluation runs everywhere.
         device_ids = [device] if torch.device(device).type == "cuda" else None
-        model.net = torch.nn.parallel.DistributedDataParallel(model.net, device_ids=device_ids, broadcast_buffers=False)
+        model.net = compat.ddp_without_buffer_sync(model.net, device_ids)
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
@@ -1414,6 +1416,7 @@ class ModelLoadError(RuntimeError):
 def load_pipeline(name: str, dtype: torch.dtype):
     """A diffusers StableDiffusion3Pipeline: "tiny-random" is built in code (tiny_sd3.py), anything else is a hub
     id (or alias) or a local diffusers folder given to StableDiffusion3Pipeline.from_pretrained."""
+    compat.quiet_libraries()  # before diffusers and transformers are imported: they warn at import
     if name == "tiny-random":
         from tiny_sd3 import tiny_sd3_pipeline
 
@@ -1422,7 +1425,8 @@ def load_pipeline(name: str, dtype: torch.dtype):
 
     repo = MODEL_ALIASES.get(name, name)
     try:
-        return StableDiffusion3Pipeline.from_pretrained(repo, dtype=dtype)
+        # the VAE in float32 from the file (SD3Model decodes in float32): no rounding through dtype, no cast later
+        return StableDiffusion3Pipeline.from_pretrained(repo, dtype={"default": dtype, "vae": torch.float32})
     except Exception as e:  # offline, gated, wrong path: all surface as different exception types
         raise ModelLoadError(
             f"could not load the model '{repo}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
@@ -1461,6 +1465,7 @@ class SD3Model(FlowModel):
         self.transformer.add_adapter(
             LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
         )
+        compat.quiet_tokenizers(pipe)  # prompts longer than CLIP's 77 tokens: main() says so once
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         for p in self.params:
             p.data = p.data.float()  # trainable weights in float32 (mixed precision: AdamW updates are tiny)
@@ -1469,6 +1474,7 @@ class SD3Model(FlowModel):
         self.compiled = {"on": True, "off": False, "auto": device.type == "cuda"}.get(cfg.compile)
         if self.compiled is None:
             raise ValueError(f"--compile must be on, off or auto, got {cfg.compile!r}")
+        self.compiled = self.compiled and compat.can_compile(device)  # if not, one line says why (not a traceback)
         if self.compiled:
             # Regional compilation: the blocks share ONE compiled code object (their class's forward), so a block
             # structure is traced once, not 24 times. Each guard miss adds a graph to it: block structure (SD3.5-M:
@@ -1480,8 +1486,12 @@ class SD3Model(FlowModel):
             blocks = self.transformer.transformer_blocks
             kinds = [(b.attn2 is not None, b.context_pre_only) for b in blocks]
             self.graphs = len({k + (i == 0,) for i, k in enumerate(kinds)}) + len(set(kinds))
-            for block in blocks:
-                block.compile(dynamic=False, recompile_limit=self.graphs)
+            compat.compile_blocks(blocks, self.graphs)  # torch.compile(recompile_limit=) is 2.13+: compat.py
+        if device.type == "cuda":
+            # TF32 for float32 matmuls, as the reference (train_sd3.py, allow_tf32 = True by default): here the LoRA
+            # branch (forward and gradients), the VAE's attention, the reward models. TF32 keeps 11 significant bits,
+            # more than the bf16 the LoRA output is added to; the SDE step and log-probs are elementwise (no matmul).
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if cfg.allow_tf32 else "ieee"
         down = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # VAE down-sampling factor (8 for SD3)
         if cfg.resolution % (down * self.transformer.config.patch_size):
             raise ValueError(f"--resolution {cfg.resolution} must be a multiple of {down * self.transformer.config.patch_size}")
@@ -1706,6 +1716,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"evaluation on {min(cfg.eval_count or len(eval_prompts), len(eval_prompts))} of {len(eval_prompts)} "
                   f"prompts from {eval_prompts[0].source.rsplit(':', 1)[0]}"
                   + (f" ({also} of them are training prompts too)" if also else " (held out from training)"))
+        if note := compat.prompt_length_note(model.pipe, [p.text for p in prompts + eval_prompts], cfg.max_sequence_length):
+            print(note)
 
     def on_eval(epoch: int, images: Tensor, rewards_: Tensor, shown: list[Prompt]) -> None:
         save_grid(os.path.join(cfg.out, f"eval-epoch-{epoch:06d}.png"), images, shown, rewards_, epoch)

@@ -5,12 +5,13 @@ API up here and falls back to 2.11's spelling. Each was checked against the sour
 torch/__init__.py, torch/_dynamo/config.py, torch/nn/parallel/distributed.py, torch/backends/cuda/__init__.py,
 torch/amp/grad_scaler.py), 2.13.0 (the one CI installs) and 2.14.1:
 
-  torch.compile(recompile_limit=)          2.13, 2.14      2.11: torch._dynamo.config.recompile_limit (process-wide)
-  DistributedDataParallel(                 2.13, 2.14      2.11: broadcast_buffers=False (2.13 deprecates it with a
-      forward_sync_buffers=)                                      FutureWarning on every process)
-  torch.backends.cuda.matmul.fp32_precision  2.11-2.14     (the older allow_tf32 raises in 2.13 once it is mixed)
-  torch._dynamo.config.recompile_limit     2.11-2.14       (cache_size_limit is its alias)
-  torch.amp.GradScaler("cuda", enabled=)   2.11-2.14
+  API                                             in torch     where absent (2.11)
+  torch.compile(recompile_limit=)                 2.13, 2.14   torch._dynamo.config.recompile_limit (process-wide)
+  DistributedDataParallel(forward_sync_buffers=)  2.13, 2.14   broadcast_buffers=False (deprecated in 2.13, with a
+                                                               FutureWarning on every process)
+  torch.backends.cuda.matmul.fp32_precision       2.11-2.14    (2.13 raises on reading allow_tf32 once this is set)
+  torch._dynamo.config.recompile_limit            2.11-2.14    (cache_size_limit is its alias)
+  torch.amp.GradScaler("cuda", enabled=)          2.11-2.14
 The compiled path needs what inductor needs: Python that dynamo supports, triton on a GPU, a C++ compiler with
 Python's headers on a CPU. Where one is missing, can_compile says which in one line, and SD3Model runs eagerly.
 tests/test_versions.py runs the compiled path under torch 2.11's keywords and checks this list against the

@@ -167,3 +167,29 @@ def test_a_tiny_random_run_prints_only_its_own_lines(tmp_path):
     assert result.stderr == ""
     note = [line for line in result.stdout.splitlines() if line.startswith("prompts: ")]
     assert len(note) == 1 and "1 of 2 longer than CLIP's 77 tokens" in note[0]
+
+
+def test_the_readmes_lora_snippet_loads_the_checkpoint_silently(tmp_path, capfd):
+    """README "Using the trained LoRA": load_lora_adapter on the transformer gives the trained model (the same
+    velocities as ours) and prints nothing (pipe.load_lora_weights prints "No LoRA keys associated to
+    CLIPTextModelWithProjection" twice)."""
+    from tiny_sd3 import tiny_sd3_pipeline
+
+    from test_sd3 import perturb_lora
+
+    model = make_model(tiny_cfg(tmp_path))
+    perturb_lora(model)
+    model.save_weights(str(tmp_path / "lora"))
+    pipe = tiny_sd3_pipeline()
+    capfd.readouterr()
+    pipe.transformer.load_lora_adapter(str(tmp_path / "lora"), weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+    assert capfd.readouterr() == ("", "")
+    g = torch.Generator().manual_seed(0)
+    config = pipe.transformer.config
+    inputs = dict(
+        hidden_states=torch.randn((1, config.in_channels, 16, 16), generator=g), timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn((1, 5, config.joint_attention_dim), generator=g),
+        pooled_projections=torch.randn((1, config.pooled_projection_dim), generator=g), return_dict=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(pipe.transformer(**inputs)[0], model.transformer(**inputs)[0])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
+from test_compile import EVERY_KIND_OF_CALL
 from test_distributed import torchrun
 from test_sd3 import PROMPTS, perturb_lora, tiny_cfg
 
@@ -102,11 +103,7 @@ def test_the_compiled_path_compiles_nothing_after_the_first_epoch_on_the_gpu(tmp
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_cache"))  # no kernels of other runs
     torch._dynamo.reset()
     counters.clear()
-    cfg = tiny_cfg(
-        tmp_path, compile="auto", beta=0.04, lr=0.0, weight_decay=0.0, group_size=2, groups_per_epoch=2, batch_size=2,
-        num_steps=3, fast_window=1, fast_window_range=2, eval_every=1, eval_count=1, eval_num_steps=2, ema=True,
-        ema_every=1, gradient_checkpointing=True,
-    )  # fmt: skip
+    cfg = tiny_cfg(tmp_path, compile="auto", **EVERY_KIND_OF_CALL)
     model = make_bf16_model(cfg)
     assert model.compiled
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # as the reference (docs/FIDELITY.md)

@@ -1486,11 +1486,11 @@ class SD3Model(FlowModel):
             blocks = self.transformer.transformer_blocks
             kinds = [(b.attn2 is not None, b.context_pre_only) for b in blocks]
             self.graphs = len({k + (i == 0,) for i, k in enumerate(kinds)}) + len(set(kinds))
-            compat.compile_blocks(blocks, self.graphs)  # torch.compile(recompile_limit=) is 2.13+: compat.py
+            compat.compile_blocks(blocks, self.graphs)  # the limit: torch.compile's keyword, or 2.11's dynamo setting
         if device.type == "cuda":
-            # TF32 for float32 matmuls, as the reference (train_sd3.py, allow_tf32 = True by default): here the LoRA
-            # branch (forward and gradients), the VAE's attention, the reward models. TF32 keeps 11 significant bits,
-            # more than the bf16 the LoRA output is added to; the SDE step and log-probs are elementwise (no matmul).
+            # TF32 for float32 matmuls, as the reference (train_sd3.py: allow_tf32, True by default): the LoRA branch
+            # and its gradients, the VAE's attention, reward models. 11 significant bits, more than the bf16 sum the
+            # LoRA output joins (bf16 weights); the SDE step and its log-prob are elementwise float32, untouched.
             torch.backends.cuda.matmul.fp32_precision = "tf32" if cfg.allow_tf32 else "ieee"
         down = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # VAE down-sampling factor (8 for SD3)
         if cfg.resolution % (down * self.transformer.config.patch_size):

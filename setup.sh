@@ -91,8 +91,8 @@ if [ "$what" != demo ]; then
         "apt-get install ${missing[*]}); the tests that need them are skipped until then" >&2
     else
       say "installing ${missing[*]} (apt-get)"
-      "${sudo[@]}" apt-get update -qq
-      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+      ${sudo[@]+"${sudo[@]}"} apt-get update -qq
+      ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
   fi
 fi

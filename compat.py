@@ -33,10 +33,6 @@ from typing import Optional
 
 import torch
 
-# torch.compile's keywords in torch 2.11.0 (torch/__init__.py of its wheel, git 70d99e998b49): the lowest supported
-TORCH_2_11_COMPILE_KEYWORDS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
-
-
 def compile_blocks(blocks, graphs: int) -> None:
     """torch.compile each block (static shapes), allowing each compiled code object `graphs` graphs: recompile
     number graphs + 1 runs eagerly (and dynamo warns) instead of compiling without end."""

@@ -24,6 +24,10 @@ import rewards
 from test_sd3 import PROMPTS, make_model, tiny_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
+REAL_COMPILE = torch.compile
+# torch.compile's keywords in torch 2.11.0 (torch/__init__.py of its wheel, whose torch/version.py names git
+# 70d99e998b49): the lowest supported
+TORCH_2_11_COMPILE_KEYWORDS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
 # DistributedDataParallel.__init__'s parameters in torch 2.11.0 (torch/nn/parallel/distributed.py of its wheel): no
 # forward_sync_buffers, and broadcast_buffers is not deprecated there
 TORCH_2_11_DDP_KEYWORDS = (
@@ -35,17 +39,14 @@ TORCH_2_11_DDP_KEYWORDS = (
 
 
 def torch_2_11_compile(model=None, *, fullgraph=False, dynamic=None, backend="inductor", mode=None, options=None, disable=False):
-    """torch.compile with torch 2.11's signature (compat.TORCH_2_11_COMPILE_KEYWORDS). It compiles with the eager
+    """torch.compile with torch 2.11's signature (TORCH_2_11_COMPILE_KEYWORDS). It compiles with the eager
     backend: dynamo captures and guards each graph, as inductor's would be, without generating code (seconds)."""
     return REAL_COMPILE(model, fullgraph=fullgraph, dynamic=dynamic, backend="eager", mode=mode, options=options, disable=disable)
 
 
-REAL_COMPILE = torch.compile
-
-
 def test_torch_2_11s_recorded_surface_is_part_of_the_installed_ones():
-    assert tuple(inspect.signature(torch_2_11_compile).parameters)[1:] == compat.TORCH_2_11_COMPILE_KEYWORDS
-    assert set(compat.TORCH_2_11_COMPILE_KEYWORDS) <= set(inspect.signature(torch.compile).parameters)
+    assert tuple(inspect.signature(torch_2_11_compile).parameters)[1:] == TORCH_2_11_COMPILE_KEYWORDS
+    assert set(TORCH_2_11_COMPILE_KEYWORDS) <= set(inspect.signature(torch.compile).parameters)
     assert set(TORCH_2_11_DDP_KEYWORDS) <= set(inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters)
     # the other names compat.py relies on in every supported version
     assert hasattr(torch._dynamo.config, "recompile_limit")

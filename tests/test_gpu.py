@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 from test_compile import EVERY_KIND_OF_CALL
 from test_distributed import torchrun
+from test_versions import KNOWN_NOISE
 from test_sd3 import PROMPTS, perturb_lora, tiny_cfg
 
 import flow_grpo as fg
@@ -123,13 +124,14 @@ def test_the_compiled_path_compiles_nothing_after_the_first_epoch_on_the_gpu(tmp
     assert [(m["policy/ratio"], m["policy/approx_kl"]) for m in history] == [(1.0, 0.0), (1.0, 0.0)]
 
 
-def test_the_tiny_command_line_trains_on_the_gpu(tmp_path, capsys):
+def test_the_tiny_command_line_trains_on_the_gpu(tmp_path, capfd):
     out = tmp_path / "run"
     code = fg.main(["--model", "tiny-random", "--reward", "jpeg_compressibility", "--out", str(out), "--epochs", "2",
                     "--eval_every", "1"])  # fmt: skip
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()  # file descriptors: library loggers keep the stderr they started with
     assert code == 0
     assert "on cuda" in printed and "bfloat16" in printed
+    assert [n for n in KNOWN_NOISE if n in printed + errors] == []  # what a GPU run printed before (issue 16)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [0, 1]
     numbers = [v for m in lines for v in m.values() if isinstance(v, float)]

@@ -144,7 +144,7 @@ def test_quiet_libraries_drops_exactly_the_listed_messages():
     assert seen == ["There are modules in X that should be kept in float32: ['norm']. Casting directly ...", "something else"]
 
 
-# what a CPU run printed besides our own lines before issue 16 (each from a library; see compat.QUIET)
+# what runs printed besides our own lines before issue 16 (libraries: compat.QUIET; DDP; inductor's TF32 advice)
 KNOWN_NOISE = [
     "requires torchvision (not installed)", "part of your input was truncated", "Token indices sequence length",
     "should be kept in float32", "broadcast_buffers", "TensorFloat32",
@@ -158,7 +158,7 @@ def test_a_tiny_random_run_prints_only_its_own_lines(tmp_path):
     prompts.write_text("a red cube on a table\n" + "a very long prompt about a garden " * 20 + "\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "flow_grpo.py"), "--model", "tiny-random", "--reward", "jpeg_compressibility",
+        [sys.executable, str(ROOT / "flow_grpo.py"), "--cpu", "--model", "tiny-random", "--reward", "jpeg_compressibility",
          "--prompts", str(prompts), "--eval_every", "0", "--epochs", "1", "--group_size", "2", "--groups_per_epoch", "2",
          "--batch_size", "2", "--optimizer_steps_per_epoch", "1", "--num_steps", "2", "--out", str(tmp_path / "run")],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,

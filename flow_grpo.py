@@ -32,9 +32,10 @@ Reading order (each section is a numbered banner below):
    11. Checks before the model loads, the command line
 
 Beside it, runfiles.py holds the run's plumbing, which changes nothing that is trained: prompt files and the held-out
-split, the lock on --out, metrics.jsonl, checkpoints (atomic, checked whole) and what a resumed run may change.
+split, the lock on --out, metrics.jsonl, checkpoints (atomic, checked whole) and what a resumed run may change;
+compat.py looks up the torch APIs that differ across the supported versions.
 
-Importing this file is cheap: torch only (and runfiles.py: standard library and torch). diffusers,
+Importing this file is cheap: torch only (and runfiles.py and compat.py: standard library and torch). diffusers,
 transformers, peft and the rewards are imported inside the functions that need them, so the toy and the tests of
 the math never pay for them.
 """
@@ -72,6 +73,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+import compat  # the torch versions supported: APIs newer than the lowest are looked up there; quiet libraries
 # the run's plumbing (prompt files, the output folder, metrics.jsonl, checkpoints, the resume rules): runfiles.py
 from runfiles import (
     CheckpointError, DivergenceError, Prompt, RewardError, append_metrics, claim_metrics, eval_prompt_set,
@@ -151,6 +153,7 @@ class Config:
     cpu: bool = False  # run on the CPU (float32) even where a GPU exists; under torchrun every process, with gloo
     dist_timeout_s: float = 600.0  # torchrun: a rank that does not answer for this long ends the run (not a hang)
     compile: str = "auto"  # torch.compile the transformer blocks: "on", "off", "auto" (on with CUDA, off on a CPU)
+    allow_tf32: bool = True  # CUDA: float32 matmuls (LoRA branch, VAE, reward models) on TF32 cores, as the reference
 
     def resolved_beta(self) -> float:
         if self.beta is not None:
@@ -773,10 +776,10 @@ def all_reduce_sum(x: Tensor, device) -> Tensor:
 
 def wrap_ddp(model: FlowModel, device) -> None:
     """model.net in DistributedDataParallel: gradients averaged over processes on backward, every process starting
-    from rank 0's weights. No buffers to broadcast: the frozen networks have none that change."""
+    from rank 0's weights. No buffers to sync on every forward: the frozen networks have none that change."""
     if not isinstance(model.net, torch.nn.parallel.DistributedDataParallel):
         device_ids = [device] if torch.device(device).type == "cuda" else None
-        model.net = torch.nn.parallel.DistributedDataParallel(model.net, device_ids=device_ids, broadcast_buffers=False)
+        model.net = compat.ddp_without_buffer_sync(model.net, device_ids)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -1240,6 +1243,7 @@ class ModelLoadError(RuntimeError):
 def load_pipeline(name: str, dtype: torch.dtype):
     """A diffusers StableDiffusion3Pipeline: "tiny-random" is built in code (tiny_sd3.py), anything else is a hub
     id (or alias) or a local diffusers folder given to StableDiffusion3Pipeline.from_pretrained."""
+    compat.quiet_libraries()  # before diffusers and transformers are imported: they warn at import
     if name == "tiny-random":
         from tiny_sd3 import tiny_sd3_pipeline
 
@@ -1248,7 +1252,8 @@ def load_pipeline(name: str, dtype: torch.dtype):
 
     repo = MODEL_ALIASES.get(name, name)
     try:
-        return StableDiffusion3Pipeline.from_pretrained(repo, dtype=dtype)
+        # the VAE in float32 from the file (SD3Model decodes in float32): no rounding through dtype, no cast later
+        return StableDiffusion3Pipeline.from_pretrained(repo, dtype={"default": dtype, "vae": torch.float32})
     except Exception as e:  # offline, gated, wrong path: all surface as different exception types
         raise ModelLoadError(
             f"could not load the model '{repo}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
@@ -1287,6 +1292,7 @@ class SD3Model(FlowModel):
         self.transformer.add_adapter(
             LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
         )
+        compat.quiet_tokenizers(pipe)  # prompts longer than CLIP's 77 tokens: main() says so once
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         for p in self.params:
             p.data = p.data.float()  # trainable weights in float32 (mixed precision: AdamW updates are tiny)
@@ -1295,6 +1301,7 @@ class SD3Model(FlowModel):
         self.compiled = {"on": True, "off": False, "auto": device.type == "cuda"}.get(cfg.compile)
         if self.compiled is None:
             raise ValueError(f"--compile must be on, off or auto, got {cfg.compile!r}")
+        self.compiled = self.compiled and compat.can_compile(device)  # if not, one line says why (not a traceback)
         if self.compiled:
             # Regional compilation: the blocks share ONE compiled code object (their class's forward), so a block
             # structure is traced once, not 24 times. Each guard miss adds a graph to it: block structure (SD3.5-M:
@@ -1306,8 +1313,12 @@ class SD3Model(FlowModel):
             blocks = self.transformer.transformer_blocks
             kinds = [(b.attn2 is not None, b.context_pre_only) for b in blocks]
             self.graphs = len({k + (i == 0,) for i, k in enumerate(kinds)}) + len(set(kinds))
-            for block in blocks:
-                block.compile(dynamic=False, recompile_limit=self.graphs)
+            compat.compile_blocks(blocks, self.graphs)  # the limit: torch.compile's keyword, or 2.11's dynamo setting
+        if device.type == "cuda":
+            # TF32 for float32 matmuls, as the reference (train_sd3.py: allow_tf32, True by default): the LoRA branch
+            # and its gradients, the VAE's attention, reward models. 11 significant bits, more than the bf16 sum the
+            # LoRA output joins (bf16 weights); the SDE step and its log-prob are elementwise float32, untouched.
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if cfg.allow_tf32 else "ieee"
         down = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # VAE down-sampling factor (8 for SD3)
         if cfg.resolution % (down * self.transformer.config.patch_size):
             raise ValueError(f"--resolution {cfg.resolution} must be a multiple of {down * self.transformer.config.patch_size}")
@@ -1470,6 +1481,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"evaluation on {min(cfg.eval_count or len(eval_prompts), len(eval_prompts))} of {len(eval_prompts)} "
                   f"prompts from {eval_prompts[0].source.rsplit(':', 1)[0]}"
                   + (f" ({also} of them are training prompts too)" if also else " (held out from training)"))
+        if note := compat.prompt_length_note(model.pipe, [p.text for p in prompts + eval_prompts], cfg.max_sequence_length):
+            print(note)
 
     def on_eval(epoch: int, images: Tensor, rewards_: Tensor, shown: list[Prompt]) -> None:
         save_grid(os.path.join(cfg.out, f"eval-epoch-{epoch:06d}.png"), images, shown, rewards_, epoch)

@@ -337,6 +337,9 @@ def load_pretrained(what: str, name: str, loader):
 
     ``what`` names the thing in the message ("CLIP model"); ``name`` is a hub id or a local folder.
     """
+    from compat import quiet_libraries
+
+    quiet_libraries()  # e.g. the CLIP processor's "requires torchvision" fallback: its PIL version is the reference's
     if not os.path.isdir(os.path.expanduser(name)) and _looks_like_path(name):
         raise RuntimeError(
             f"cannot load the {what} from {name!r}: that folder does not exist. "

@@ -24,6 +24,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where torch.cuda.is_available() is False)")
     config.addinivalue_line("markers", "tesseract: needs the tesseract program (skipped where missing, unless CI=true)")
     config.addinivalue_line("markers", "slow: compiles with torch.compile (about a minute on a CPU; -m 'not slow' skips)")
+    # inductor imports torch.utils.mkldnn, whose 14 @torch.jit.script_method each warn (torch 2.11-2.13): not ours
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def pytest_runtest_setup(item):

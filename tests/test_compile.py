@@ -97,6 +97,14 @@ def dual_attention_model(cfg) -> fg.SD3Model:
     return fg.SD3Model(pipe, cfg, torch.device("cpu"), torch.float32)
 
 
+# an epoch of 2 prompts × 2 images with every kind of call (also tests/test_gpu.py): β > 0 (reference forwards),
+# lr 0 (unchanged weights), Fast window, evaluation with EMA, gradient checkpointing
+EVERY_KIND_OF_CALL = dict(
+    beta=0.04, lr=0.0, weight_decay=0.0, group_size=2, groups_per_epoch=2, batch_size=2, num_steps=3, fast_window=1,
+    fast_window_range=2, eval_every=1, eval_count=1, eval_num_steps=2, ema=True, ema_every=1, gradient_checkpointing=True,
+)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_after_the_first_epoch_nothing_is_compiled_again(tmp_path, monkeypatch):
     """One epoch runs every kind of call: sampling (Fast window: SDE and ODE steps), training (grad, gradient
@@ -106,11 +114,7 @@ def test_after_the_first_epoch_nothing_is_compiled_again(tmp_path, monkeypatch):
     instead of minutes. The generated code is tested above."""
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager", **kw))
-    cfg = tiny_cfg(
-        tmp_path, compile="on", beta=0.04, lr=0.0, weight_decay=0.0, group_size=2, groups_per_epoch=2, batch_size=2,
-        num_steps=3, fast_window=1, fast_window_range=2, eval_every=1, eval_count=1, eval_num_steps=2, ema=True,
-        ema_every=1, gradient_checkpointing=True,
-    )  # fmt: skip
+    cfg = tiny_cfg(tmp_path, compile="on", **EVERY_KIND_OF_CALL)
     model = dual_attention_model(cfg)
     graphs = []  # after the batch-plan line, then after each epoch's line
     log = lambda line: graphs.append(counters["stats"]["unique_graphs"])  # noqa: E731

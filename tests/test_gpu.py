@@ -12,7 +12,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
+from test_compile import EVERY_KIND_OF_CALL
 from test_distributed import torchrun
+from test_versions import KNOWN_NOISE
 from test_sd3 import PROMPTS, perturb_lora, tiny_cfg
 
 import flow_grpo as fg
@@ -94,13 +97,42 @@ def test_rollout_reproduces_every_step_of_the_diffusers_pipeline_in_bf16(tmp_pat
     assert worst > 0  # the pipeline really ran in bf16 (a float32 run would match ours far more closely)
 
 
-def test_the_tiny_command_line_trains_on_the_gpu(tmp_path, capsys):
+def test_the_compiled_path_compiles_nothing_after_the_first_epoch_on_the_gpu(tmp_path, monkeypatch):
+    """The GPU default (--compile auto: inductor, triton kernels) on the tiny model in bf16. One epoch runs every kind
+    of call: sampling (Fast window: SDE and ODE steps), training (gradient checkpointing), the reference forward
+    (adapters off), evaluation (EMA weights, a padded last batch). All the graphs SD3Model counts are compiled in it,
+    none in the second epoch (tests/test_compile.py checks the same on the CPU with dynamo's eager backend)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_cache"))  # no kernels of other runs
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = tiny_cfg(tmp_path, compile="auto", **EVERY_KIND_OF_CALL)
+    model = make_bf16_model(cfg)
+    assert model.compiled
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # as the reference (docs/FIDELITY.md)
+    graphs = []  # after the batch-plan line, then after each epoch's line
+    log = lambda line: graphs.append(counters["stats"]["unique_graphs"])  # noqa: E731
+    try:
+        history = fg.train(cfg, model, rewards.build_reward(cfg.reward), [fg.Prompt(p) for p in PROMPTS], DEVICE, log=log)
+    finally:
+        torch._dynamo.reset()
+    # the tiny model's 2 blocks: a plain one (its input needs no grad) and the context_pre_only last one: 2 graphs with
+    # adapters on, 2 with them off; the evaluation prompt is padded to the batch's 2 rows (the same run on the CPU
+    # with dynamo's eager backend counts [0, 4, 4])
+    assert model.graphs == 4
+    assert graphs == [0, 4, 4]  # all compiled in the first epoch (none left to run eagerly), none in the second
+    assert not counters["graph_break"]
+    # unchanged weights (lr 0): every recomputed log-prob equals the sampled one in both epochs
+    assert [(m["policy/ratio"], m["policy/approx_kl"]) for m in history] == [(1.0, 0.0), (1.0, 0.0)]
+
+
+def test_the_tiny_command_line_trains_on_the_gpu(tmp_path, capfd):
     out = tmp_path / "run"
     code = fg.main(["--model", "tiny-random", "--reward", "jpeg_compressibility", "--out", str(out), "--epochs", "2",
                     "--eval_every", "1"])  # fmt: skip
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()  # file descriptors: library loggers keep the stderr they started with
     assert code == 0
     assert "on cuda" in printed and "bfloat16" in printed
+    assert [n for n in KNOWN_NOISE if n in printed + errors] == []  # what a GPU run printed before (issue 16)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [0, 1]
     numbers = [v for m in lines for v in m.values() if isinstance(v, float)]

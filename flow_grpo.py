@@ -77,6 +77,7 @@ from runfiles import (
     PROMPT_SETS, CheckpointError, atomic_write_text, claim_metrics, file_manifest, lock_out_folder,
     newest_intact_checkpoint, prompt_file, read_checkpoint, read_prompts, save_grid,
 )  # fmt: skip
+from watch import RunWatch, check_report_to  # the curves picture and the optional trackers (standard library)
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -150,6 +151,7 @@ class Config:
     cpu: bool = False  # run on the CPU (float32) even where a GPU exists; under torchrun every process, with gloo
     dist_timeout_s: float = 600.0  # torchrun: a rank that does not answer for this long ends the run (not a hang)
     compile: str = "auto"  # torch.compile the transformer blocks: "on", "off", "auto" (on with CUDA, off on a CPU)
+    report_to: str = "none"  # also log to "tensorboard", "wandb" (offline unless WANDB_MODE) or "tensorboard,wandb"
 
     def resolved_beta(self) -> float:
         if self.beta is not None:
@@ -1165,6 +1167,7 @@ def train(
         log(f"resumed from {resume[0]}: epoch {epoch0}, optimiser step {step}" + "".join(f"; now {c}" for c in changed))
     if rank == 0:
         claim_metrics(metrics_path, epoch0 if resume else None, log)
+        watch = RunWatch(cfg, epoch0, log)  # run.json, the trackers, curves.png (watch.py)
     pool = eval_prompts or prompts
     eval_set = draw_prompts(pool, min(cfg.eval_count or len(pool), len(pool)), cfg.seed, epoch=-1)
     state = {"step": step}
@@ -1213,6 +1216,7 @@ def train(
         if rank == 0:
             with open(metrics_path, "a") as f:  # strict JSON: a value that is not finite is written as null
                 f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in m.items()}, allow_nan=False) + "\n")
+            watch.after_epoch(m)  # trackers; curves.png after an evaluation, a checkpoint and the last epoch
         history.append(m)
         if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
             if rank == 0:
@@ -1258,7 +1262,7 @@ KEEP_CHECKPOINTS = 2
 CHANGEABLE_ON_RESUME = (
     "lr", "adam_beta1", "adam_beta2", "weight_decay", "adam_eps", "max_grad_norm",
     "epochs", "eval_every", "save_every", "gradient_checkpointing", "text_encoders_on_cpu", "reward_models",
-    "dist_timeout_s",
+    "dist_timeout_s", "report_to",
 )  # fmt: skip
 
 
@@ -1684,6 +1688,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rank, world = dist_rank_world()
         # everything that can be checked is checked before the gigabytes of SD3.5-M load
         plan_batches(cfg, world)  # every number, and the batch arithmetic
+        check_report_to(cfg.report_to)  # a tracker's package is missing: one line naming it
         if rank == 0:
             lock_out_folder(cfg.out)  # a second run into the same --out stops here
         check_out_folder(cfg)  # a fresh run over old checkpoints; --resume: a damaged or incompatible checkpoint

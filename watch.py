@@ -95,7 +95,7 @@ def _run_facts(run: dict) -> list[tuple[str, str]]:
 # (metrics key, panel title, y-axis label, what to look for, y range or None = fitted to the data)
 PANELS = [
     ("reward/mean", "training reward", "reward (mean ± std)", "SDE samples of the epoch; should rise", None),
-    ("eval/reward_mean", "evaluation reward", "reward", "held-out prompts, ODE, fixed noise", None),
+    ("eval/reward_mean", "evaluation reward", "reward", "ODE samples, fixed prompts and noise", None),
     ("policy/kl_ref", "KL to the reference model", "KL per element", "fast rise while reward rises: hacking", None),
     ("policy/clipfrac", "clip fraction", "fraction of samples", "near 1: learning rate too high", (0.0, 1.0)),
     ("policy/zero_adv_frac", "zero-advantage fraction", "fraction of samples", "near 1: groups all alike, saturated", (0.0, 1.0)),
@@ -144,7 +144,10 @@ def _font(size: int):
 
 
 def _series(run: dict, key: str) -> list[tuple[int, Optional[float]]]:
-    """(epoch, value) of every row holding `key`; None where the run logged a non-finite value."""
+    """(epoch, value) of every row holding `key`; None where the run logged a non-finite value. A run with β = 0
+    logs a KL of 0 that it never computed (flow_grpo.train_step): none is drawn for it."""
+    if key == "policy/kl_ref" and run["beta"] == 0:
+        return []
     return [(row["epoch"], row[key]) for row in run["rows"] if key in row]
 
 
@@ -214,8 +217,8 @@ def draw_curves(path: str, runs: list[dict]) -> tuple[int, int]:
         draw.rectangle([x0, y0, x1, y1], outline="black")
         if not values:
             draw.text(((x0 + x1) / 2, (y0 + y1) / 2), _missing(key, runs), fill=(110, 110, 110), font=mid, anchor="mm")
-        elif key == "policy/kl_ref" and not any(values):
-            draw.text(((x0 + x1) / 2, y0 + 20), "0: runs with beta = 0 do not compute it", fill=(110, 110, 110), font=small, anchor="mt")
+        elif key == "policy/kl_ref" and any(r["beta"] == 0 for r in runs):
+            draw.text(((x0 + x1) / 2, y0 + 8), "not computed by runs with beta = 0", fill=(110, 110, 110), font=small, anchor="mt")
         for i, (s, sp) in enumerate(zip(series, spread)):
             colour = COLOURS[i % len(COLOURS)]
             points = [px(e, v) for e, v in s if v is not None]
@@ -254,6 +257,8 @@ def _missing(key: str, runs: list[dict]) -> str:
     if key.startswith("eval/"):
         every = {r["config"].get("eval_every") for r in runs}
         return "no evaluation yet" + (f" (--eval_every {every.pop()})" if len(every) == 1 else "")
+    if key == "policy/kl_ref" and all(r["beta"] == 0 for r in runs):
+        return "not computed: beta = 0"
     return "not logged"
 
 

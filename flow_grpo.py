@@ -32,7 +32,7 @@ Reading order (each section is a numbered banner below):
    11. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
    12. Prompts and the held-out evaluation set, checks before the model loads, command line
 
-Importing this file is cheap: torch only (and runfiles.py, the checked file plumbing: standard library). diffusers,
+Importing this file is cheap: torch only (runfiles.py and watch.py beside it: standard library). diffusers,
 transformers, peft and the rewards are imported inside the functions that need them, so the toy and the tests of
 the math never pay for them.
 """

@@ -84,7 +84,8 @@ def _run_facts(run: dict) -> list[tuple[str, str]]:
         ("model", c["model"]), ("reward", f"reward {c['reward']}"), ("beta", f"beta {beta}"),
         ("batch", f"{c['groups_per_epoch']} prompts x {c['group_size']} images per epoch"),
         ("steps", f"{c['optimizer_steps_per_epoch']} optimiser steps/epoch"), ("lr", f"lr {c['lr']:g}"),
-        ("sampler", f"{c['sde_type'].upper()} noise level {c['noise_level']:g}" + (f", fast window {c['fast_window']}" if c.get("fast_window") else "")),
+        ("sampler", f"{c['sde_type'].upper()} noise level {c['noise_level']:g}"
+         + (f", fast window {c['fast_window']}" if c.get("fast_window") else "")),
     ]  # fmt: skip
 
 
@@ -151,6 +152,12 @@ def _series(run: dict, key: str) -> list[tuple[int, Optional[float]]]:
     return [(row["epoch"], row[key]) for row in run["rows"] if key in row]
 
 
+def _band(run: dict, key: str) -> list[tuple[int, float, float]]:
+    """(epoch, mean − std, mean + std) of the training reward where both are finite; [] in the other panels."""
+    std = dict(_series(run, "reward/std")) if key == "reward/mean" else {}
+    return [(e, v - std[e], v + std[e]) for e, v in _series(run, key) if v is not None and std.get(e) is not None]
+
+
 def draw_curves(path: str, runs: list[dict]) -> tuple[int, int]:
     """Draw `runs` (read_run's dicts; one run: the run's own picture; several: overlaid, one colour each) into the
     PNG `path` (written whole, then renamed: a viewer never sees half a picture). Returns its (width, height)."""
@@ -158,8 +165,8 @@ def draw_curves(path: str, runs: list[dict]) -> tuple[int, int]:
 
     panels = panels_for(runs)
     image = Image.new("RGB", figure_size(len(panels)), "white")
-    bands = Image.new("RGBA", image.size, (0, 0, 0, 0))  # the ± std bands, blended in translucent
-    draw, band_draw = ImageDraw.Draw(image), ImageDraw.Draw(bands)
+    shade = Image.new("RGBA", image.size, (0, 0, 0, 0))  # the ± std bands, blended in translucent
+    draw, shade_draw = ImageDraw.Draw(image), ImageDraw.Draw(shade)
     big, mid, small = _font(21), _font(16), _font(14)
     # header: what the runs share (what they are, then how they sample and train), then a status line (one run)
     # or a legend with what differs (several runs)
@@ -187,9 +194,8 @@ def draw_curves(path: str, runs: list[dict]) -> tuple[int, int]:
         top = HEADER_H + (n // COLUMNS) * ROW_H
         x0, x1, y0, y1 = left + PLOT_LEFT, left + WIDTH // COLUMNS - PLOT_RIGHT, top + PLOT_TOP, top + ROW_H - PLOT_BOTTOM
         series = [_series(r, key) for r in runs]
-        spread = [_series(r, "reward/std") if key == "reward/mean" else [] for r in runs]
-        values = [v for s in series for _, v in s if v is not None]
-        values += [v + d * s for sr, sp in zip(series, spread) for (_, v), (_, s) in zip(sr, sp) if v is not None and s is not None for d in (-1, 1)]  # fmt: skip
+        bands = [_band(r, key) for r in runs]
+        values = [v for s in series for _, v in s if v is not None] + [v for b in bands for _, *ends in b for v in ends]
         last = f"   last {series[0][-1][1]:.4g}" if len(runs) == 1 and series[0] and series[0][-1][1] is not None else ""
         draw.text((left + 16, top + 8), title + last, fill="black", font=mid)
         draw.text((left + 16, top + 30), hint, fill=(110, 110, 110), font=small)
@@ -218,19 +224,19 @@ def draw_curves(path: str, runs: list[dict]) -> tuple[int, int]:
         if not values:
             draw.text(((x0 + x1) / 2, (y0 + y1) / 2), _missing(key, runs), fill=(110, 110, 110), font=mid, anchor="mm")
         elif key == "policy/kl_ref" and any(r["beta"] == 0 for r in runs):
-            draw.text(((x0 + x1) / 2, y0 + 8), "not computed by runs with beta = 0", fill=(110, 110, 110), font=small, anchor="mt")
-        for i, (s, sp) in enumerate(zip(series, spread)):
+            note = "not computed by runs with beta = 0"
+            draw.text(((x0 + x1) / 2, y0 + 8), note, fill=(110, 110, 110), font=small, anchor="mt")
+        for i, (s, band) in enumerate(zip(series, bands)):
             colour = COLOURS[i % len(COLOURS)]
             points = [px(e, v) for e, v in s if v is not None]
-            if len(sp) == len(s) and len(s) > 1:  # ± std band: up along the top edge, back along the bottom
-                edge = [px(e, v + d * sd) for d in (1, -1) for (e, v), (_, sd) in (zip(s, sp) if d > 0 else zip(s[::-1], sp[::-1])) if v is not None and sd is not None]  # fmt: skip
-                band_draw.polygon(edge, fill=colour + (50,))
+            if len(band) > 1:  # ± std: along the top edge, then back along the bottom one
+                shade_draw.polygon([px(e, hi) for e, _, hi in band] + [px(e, lo) for e, lo, _ in band[::-1]], fill=colour + (50,))
             if len(points) > 1:
                 draw.line(points, fill=colour, width=3, joint="curve")
             if len(points) < 12 or key.startswith("eval/"):  # few points (evaluations): each one marked
                 for cx, cy in points:
                     draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
-    image = Image.alpha_composite(image.convert("RGBA"), bands).convert("RGB")
+    image = Image.alpha_composite(image.convert("RGBA"), shade).convert("RGB")
     tmp = path + ".tmp.png"
     image.save(tmp)
     os.replace(tmp, path)
@@ -242,13 +248,15 @@ def _status(run: dict) -> str:
     rows, c = run["rows"], run["config"]
     if not rows:
         return "no epoch finished yet"
-    line = f"epoch {rows[-1]['epoch'] + 1}" + (f" of {c['epochs']}" if c else "") + f" done, optimiser step {rows[-1].get('step', 0)}"
+    line = f"epoch {rows[-1]['epoch'] + 1}" + (f" of {c['epochs']}" if c else "")
+    line += f" done, optimiser step {rows[-1].get('step', 0)}"
     rewards = [r["reward/mean"] for r in rows if r.get("reward/mean") is not None]
     if rewards:
         line += f"   ·   training reward {rewards[0]:.4g} -> {rewards[-1]:.4g}"
     evals = [r for r in rows if r.get("eval/reward_mean") is not None]
     if evals:
-        line += f"   ·   evaluation {evals[0]['eval/reward_mean']:.4g} -> {evals[-1]['eval/reward_mean']:.4g} (epoch {evals[-1]['epoch']})"
+        first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
+        line += f"   ·   evaluation {first:.4g} -> {last:.4g} (epoch {evals[-1]['epoch']})"
     seconds = [r["time/epoch_s"] for r in rows if r.get("time/epoch_s") is not None]
     return line + (f"   ·   {sum(seconds) / len(seconds):.3g} s/epoch" if seconds else "")
 
@@ -371,9 +379,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    output = args.output or os.path.join(os.path.dirname(args.runs[0]) if args.runs[0].endswith(".jsonl") else args.runs[0], "curves.png")
+    first = os.path.dirname(args.runs[0]) if args.runs[0].endswith(".jsonl") else args.runs[0]
+    output = args.output or os.path.join(first, "curves.png")
     width, height = draw_curves(output, runs)
-    print(f"wrote {output} ({width} x {height} px, {len(runs)} run{'s' * (len(runs) > 1)}, {sum(len(r['rows']) for r in runs)} epochs)")
+    epochs = sum(len(r["rows"]) for r in runs)
+    print(f"wrote {output} ({width} x {height} px, {len(runs)} run{'s' * (len(runs) > 1)}, {epochs} epochs)")
     return 0
 
 

@@ -142,6 +142,8 @@ def read_wandb_history(run_folder: str) -> list[dict]:
 def test_wandb_offline_run_holds_every_scalar_and_a_resumed_run_continues_its_id(tracked_run):
     if not installed("wandb"):
         pytest.skip("wandb is not installed: pip install wandb")
+    from PIL import Image
+
     cfg, _ = tracked_run
     run_id = json.load(open(os.path.join(cfg.out, "run.json")))["wandb_id"]
     folders = sorted(glob.glob(os.path.join(cfg.out, "wandb", "offline-run-*")))
@@ -152,7 +154,10 @@ def test_wandb_offline_run_holds_every_scalar_and_a_resumed_run_continues_its_id
     for logged, row in ((first[0], rows[0]), (resumed[0], rows[1])):  # epoch 1 as the resumed run redid it
         for key, value in row.items():
             assert logged[key] == value, key  # JSON both ways: the very same float
-        assert logged["eval/grid"]["_type"] == "image-file"
+        # the evaluation grid, as an image file of the run (its fields flattened to keys by read_wandb_history)
+        assert logged["eval/grid/_type"] == "image-file"
+        grid = Image.open(os.path.join(cfg.out, f"eval-epoch-{row['epoch']:06d}.png"))
+        assert (logged["eval/grid/width"], logged["eval/grid/height"]) == grid.size
 
 
 def test_report_to_a_missing_package_stops_before_the_model_loads_with_one_line(tmp_path, capsys, monkeypatch):

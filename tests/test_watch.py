@@ -42,7 +42,9 @@ def tracked_run(tmp_path_factory):
     the evaluation grid saved as flow_grpo.main saves it; then a crash after epoch 1 was logged but before its
     checkpoint, and a resume that redoes epoch 1. Returns (cfg, curves.png's bytes as they were during epoch 1)."""
     trackers = [name for name in ("tensorboard", "wandb") if installed(name)]
-    cfg = tiny_cfg(tmp_path_factory.mktemp("watch"), epochs=2, eval_every=1, save_every=1, report_to=",".join(trackers) or "none")
+    # 4 denoising steps (3 trained), 4 to evaluate: what is tested is the logging, not the samples
+    cfg = tiny_cfg(tmp_path_factory.mktemp("watch"), epochs=2, eval_every=1, save_every=1, num_steps=4, eval_num_steps=4,
+                   report_to=",".join(trackers) or "none")
     prompts = [fg.Prompt(p) for p in PROMPTS]
     seen = {}
 

@@ -321,8 +321,8 @@ class RunWatch:
             # x = epoch in every chart (wandb's own step counter keeps counting across a resume)
             self.wandb.define_metric("epoch")
             self.wandb.define_metric("*", step_metric="epoch")
-            log(f"wandb: {mode} run {info['wandb_id']} in {self.wandb.dir.removesuffix('/files')}"
-                + (f" (upload it with: wandb sync {self.wandb.dir.removesuffix('/files')})" if mode == "offline" else ""))
+            folder = os.path.dirname(self.wandb.dir)  # run.dir is <the run's folder>/files
+            log(f"wandb: {mode} run {info['wandb_id']} in {folder}" + (f" (upload it: wandb sync {folder})" if mode == "offline" else ""))
 
     def after_epoch(self, m: dict) -> None:
         """Log epoch m (a metrics.jsonl row) to the trackers, with the evaluation grid the run saved for it, and
@@ -331,7 +331,7 @@ class RunWatch:
         # the grid flow_grpo.main's on_eval saves (runs without one, such as the toys', log no image)
         grid = os.path.join(self.out, f"eval-epoch-{epoch:06d}.png")
         grid = grid if "eval/reward_mean" in m and os.path.isfile(grid) else None
-        scalars = {k: float("nan") if v is None else v for k, v in m.items() if k != "epoch"}
+        scalars = {k: v for k, v in m.items() if k != "epoch"}  # the epoch is the x-axis
         if self.tensorboard is not None:
             for k, v in scalars.items():
                 self.tensorboard.add_scalar(k, v, global_step=epoch)

@@ -189,6 +189,8 @@ def draw_curves(path: str, runs: list[dict]) -> tuple[int, int]:
             x += 60 + int(draw.textlength(text, font=mid))
     epochs = [e for r in runs for e, _ in _series(r, "epoch")] or [0]
     x_lo, x_hi, x_step = nice_ticks(min(epochs), max(max(epochs), min(epochs) + 1))
+    if x_step < 1:  # epochs are whole numbers: no tick between two of them
+        x_lo, x_hi, x_step = math.floor(x_lo), math.ceil(x_hi), 1
     for n, (key, title, y_label, hint, fixed) in enumerate(panels):
         left = (n % COLUMNS) * (WIDTH // COLUMNS)
         top = HEADER_H + (n // COLUMNS) * ROW_H

@@ -35,7 +35,7 @@ Beside it, runfiles.py holds the run's plumbing, which changes nothing that is t
 split, the lock on --out, metrics.jsonl, checkpoints (atomic, checked whole) and what a resumed run may change;
 compat.py looks up the torch APIs that differ across the supported versions.
 
-Importing this file is cheap: torch only (and runfiles.py and compat.py: standard library and torch). diffusers,
+Importing this file is cheap: torch only (and runfiles.py, compat.py, watch.py: standard library and torch). diffusers,
 transformers, peft and the rewards are imported inside the functions that need them, so the toy and the tests of
 the math never pay for them.
 """
@@ -79,6 +79,7 @@ from runfiles import (
     CheckpointError, DivergenceError, Prompt, RewardError, append_metrics, claim_metrics, eval_prompt_set,
     load_prompts, open_run, resume_run, save_checkpoint, save_grid,
 )  # fmt: skip
+from watch import RunWatch, check_report_to  # the curves picture and the optional trackers (standard library)
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -154,6 +155,7 @@ class Config:
     dist_timeout_s: float = 600.0  # torchrun: a rank that does not answer for this long ends the run (not a hang)
     compile: str = "auto"  # torch.compile the transformer blocks: "on", "off", "auto" (on with CUDA, off on a CPU)
     allow_tf32: bool = True  # CUDA: float32 matmuls (LoRA branch, VAE, reward models) on TF32 cores, as the reference
+    report_to: str = "none"  # also log to "tensorboard", "wandb" (offline unless WANDB_MODE) or "tensorboard,wandb"
 
     def resolved_beta(self) -> float:
         if self.beta is not None:
@@ -1154,6 +1156,7 @@ def train(
     epoch0, step = resume_run(resume, model, optimizer, ema, cfg, log) if resume else (0, 0)
     if rank == 0:
         claim_metrics(metrics_path, epoch0 if resume else None, log)
+        watch = RunWatch(cfg, epoch0, log)  # run.json, the trackers, curves.png (watch.py)
     pool = eval_prompts or prompts
     eval_set = draw_prompts(pool, min(cfg.eval_count or len(pool), len(pool)), cfg.seed, epoch=-1)
     state = {"step": step}
@@ -1201,6 +1204,7 @@ def train(
         log(format_line(m))
         if rank == 0:
             append_metrics(metrics_path, m)
+            watch.after_epoch(m)  # trackers; curves.png after an evaluation, a checkpoint and the last epoch
         history.append(m)
         if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
             if rank == 0:
@@ -1461,6 +1465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rank, world = dist_rank_world()
         # everything that can be checked is checked before the gigabytes of SD3.5-M load
         plan_batches(cfg, world)  # every number, and the batch arithmetic
+        check_report_to(cfg.report_to)  # a tracker's package is missing: one line naming it
         open_run(cfg, rank)  # a second run into the same --out; a fresh run over old checkpoints; a bad --resume
         prompts, eval_prompts = load_prompts(cfg.prompts), eval_prompt_set(cfg)
         device, dtype = pick_device(cfg)

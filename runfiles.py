@@ -275,7 +275,7 @@ KEEP_CHECKPOINTS = 2
 CHANGEABLE_ON_RESUME = (
     "lr", "adam_beta1", "adam_beta2", "weight_decay", "adam_eps", "max_grad_norm",
     "epochs", "eval_every", "save_every", "gradient_checkpointing", "text_encoders_on_cpu", "reward_models",
-    "dist_timeout_s",
+    "dist_timeout_s", "report_to",
 )  # fmt: skip
 
 

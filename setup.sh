@@ -20,7 +20,7 @@ esac
 TORCH_PIN=2.13.0  # the torch CI installs (requirements.txt states the supported range)
 CPU_INDEX=https://download.pytorch.org/whl/cpu
 # test-only packages, beyond requirements.txt (installed by `test` and `env`, so a clone tests what CI tests)
-TEST_ONLY_PACKAGES=()
+TEST_ONLY_PACKAGES=(tensorboard==2.21.0 wandb==0.31.0)  # the trackers tests/test_watch.py checks (--report_to); optional for users
 say() { echo "setup: $*"; }
 
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { say "needs Python 3.10 or newer as python3" >&2; exit 1; }

@@ -66,6 +66,7 @@ import os
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -908,11 +909,10 @@ def sde_window(cfg: Config, generator: torch.Generator) -> tuple[list[float], li
 
     Flow-GRPO: every step is an SDE step; the first int(T·timestep_fraction) are trained.
     Flow-GRPO-Fast: only a window of `fast_window` consecutive steps is stochastic; the ODE runs elsewhere, and only
-    the window is trained, so training costs fast_window instead of ~T forwards per trajectory. Like the reference
-    (its Fast pipeline sd3_pipeline_with_logprob_fast.py, read in the fork zhtmike/flow_grpo at 3d02fd9:
-    start = random.randint(lo, hi − size) for sde_window_range = (lo, hi), once per call, i.e. per sampling batch),
-    the start is uniform over fast_window_start … fast_window_range − fast_window, both ends included, so the window
-    lies in steps [fast_window_start, fast_window_range). Returns ((T,) levels, steps)."""
+    the window is trained, so training costs fast_window instead of ~T forwards per trajectory. Its start is uniform
+    over fast_window_start … fast_window_range − fast_window, as the reference's Fast pipeline draws it once per
+    sampling batch (sd3_pipeline_with_logprob_fast.py, in the fork zhtmike/flow_grpo at 3d02fd9: start =
+    random.randint(lo, hi − size) for sde_window_range = (lo, hi)). Returns ((T,) levels, steps)."""
     T, a = cfg.num_steps, cfg.noise_level
     if not cfg.fast_window:
         return [a] * T, list(range(int(T * cfg.timestep_fraction)))
@@ -942,26 +942,19 @@ def sample_epoch(
     cond = model.encode([p.text for p in prompts])  # rows (B, ...)
     group_of = torch.arange(B).repeat_interleave(G)  # (N,): sample i belongs to prompt (group) i // G
     sigmas = model.schedule(cfg.num_steps).to(device)  # (T+1,)
-    latents, log_probs, levels, windows, rewards, parts = [], [], [], [], [], []
-    reward_seconds = 0.0  # waited for decoding + reward models, reported apart from the denoising
+    latents, log_probs, levels, windows, scored, waited = [], [], [], [], [], []  # waited: s spent waiting for rewards
 
-    def finish(x0: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Decode and score one batch, in the worker thread (grad mode is per thread: no_grad again)."""
+    @torch.no_grad()  # grad mode is per thread: the worker's is on
+    def finish(x0: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # one batch's rewards, in the worker
         # a NaN image can still get a finite reward (a JPEG size): never score or train on a diverged model's samples
         if not bool(torch.isfinite(x0).all()):
             raise DivergenceError("the sampled latents hold NaN/inf: the model diverged; --resume from an earlier checkpoint")
-        with torch.no_grad():
-            return score(reward_fn, model.decode(x0), [prompts[i].text for i in idx], [prompts[i].metadata for i in idx])
+        return score(reward_fn, model.decode(x0), [prompts[i].text for i in idx], [prompts[i].metadata for i in idx])
 
-    def collect(job) -> None:  # wait for a batch's rewards; its exception (RewardError, DivergenceError) is raised
-        nonlocal reward_seconds
+    def collect(job) -> None:  # wait for a batch's rewards; its RewardError or DivergenceError is raised here
         t_wait = time.time()
-        r, components = job.result()
-        reward_seconds += time.time() - t_wait
-        rewards.append(r)
-        parts.append(components)
-
-    from concurrent.futures import ThreadPoolExecutor
+        scored.append(job.result())  # (rewards (b,), {name: (b,)})
+        waited.append(time.time() - t_wait)
 
     from tqdm import tqdm
 
@@ -978,9 +971,8 @@ def sample_epoch(
             # Fast: this batch's own window, from its own seed (the reference draws one per sampling batch)
             levels_m, steps = sde_window(cfg, noise)  # (T,) noise level per step, and the steps to train
             x1 = torch.randn((b, *model.latent_shape), generator=noise).to(device)  # (b, *D)
-            traj = rollout(
-                lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, levels_m, noise, cfg.log_prob_reduce, cfg.sde_type
-            )
+            velocity = lambda x, t: model.velocity(x, t, cond_b)  # noqa: E731
+            traj = rollout(velocity, x1, sigmas, levels_m, noise, cfg.log_prob_reduce, cfg.sde_type)
             if job is not None:
                 collect(job)
             job = pool.submit(finish, traj.latents[:, -1], idx)
@@ -989,6 +981,7 @@ def sample_epoch(
             levels.append(traj.noise_levels.expand(b, -1))
             windows.append(steps)
         collect(job)
+    rewards, parts = [r for r, _ in scored], [c for _, c in scored]
     my_ids = torch.cat([order[m * b : (m + 1) * b] for m in my_batches])  # (n,) n = N/R samples of this process
     # every process needs every reward: the group statistics span processes                 (N,) in sample order
     all_rewards = gather_by_id(torch.cat(rewards), my_ids, N, device)
@@ -1003,7 +996,7 @@ def sample_epoch(
         noise_levels=torch.cat(levels),  # (n, T)
         trained_steps=windows,
         rewards=all_rewards,
-        reward_seconds=reward_seconds,
+        reward_seconds=sum(waited),
         reward_parts=all_parts,
         advantages=advantages[my_ids],  # (n,)
         kept_per_batch=(advantages[order].reshape(N // b, b) != 0).sum(dim=1),  # (N/b,)

@@ -35,9 +35,11 @@ Columns:
 attention, the frozen matmuls (and convolutions), the LoRA branch (its matmuls and the casts around them, from the
 adapted layers' forward scopes; their backward through the autograd node each forward op created), norms and other
 elementwise work, the SDE step and loss (float32), the optimiser (AdamW, zero_grad, the gradient-norm clip), decoding
-+ reward (a worker thread, overlapped), and the host gaps: the epoch's wall time in which the main thread (CPU) or
-the GPU ran no op. Compiled (--compile on) the blocks run as fused graphs: the LoRA scopes cannot be installed inside
-them, so the LoRA branch is counted with the other matmuls and the fused elementwise kernels.
++ reward (a worker thread, overlapped: bench's own clock), and the host gaps: the epoch's wall time in which the
+main thread ran no op (CPU) or the GPU ran no kernel (one stream: kernels do not overlap). On a GPU, kernels no
+profiled op launched (compiled code may launch its own; the worker thread's decoder) are a row of their own.
+Compiled (--compile on) the blocks run as fused graphs: the LoRA scopes cannot be installed inside them, so the LoRA
+branch is counted with the other matmuls and the fused elementwise kernels.
 The GPU candidates of --tf32 (float32 matmuls in TF32), --sdpa_backend (one attention kernel) and --fused_adamw
 (torch's fused AdamW kernel) apply to every epoch bench.py runs, so that a row with and without compares them.
 """
@@ -214,6 +216,16 @@ def kind_of(event, backward_kind: dict) -> str:
     return "frozen matmuls + convs" if any(k in name for k in MATMUL_OPS) else "norms/elementwise"
 
 
+def kinds(events) -> dict:
+    """{op: its kind of work} for the profiler's events, bench's scopes and torch's annotations left out."""
+    ops = [e for e in events if not e.is_user_annotation]
+    backward_kind = {}  # (thread, sequence number) of a forward op → its kind, for the ops of its backward
+    for e in ops:
+        if e.sequence_nr >= 0 and not e.name.startswith("autograd::engine"):
+            backward_kind.setdefault((e.thread, e.sequence_nr), kind_of(e, {}))
+    return {e: kind_of(e, backward_kind) for e in ops}
+
+
 @contextlib.contextmanager
 def scoped(model: fg.FlowModel):
     """Open bench's scopes around flow_grpo's calls: the SDE step and loss, the optimiser's gradient clip, decoding
@@ -268,28 +280,28 @@ def profile(target: str, variant: str, compile_: str) -> None:
     with scoped(model):
         r = run_row(target, cfg, model, reward_fn, prompts, device, on_epoch)
     seconds = wall[1] - wall[0]
-    events = [e for e in prof.events() if not e.is_user_annotation]
-    backward_kind = {}  # (thread, sequence number) of a forward op → its kind, for the ops of its backward
-    for e in events:
-        if e.sequence_nr >= 0 and not e.name.startswith("autograd::engine"):
-            backward_kind.setdefault((e.thread, e.sequence_nr), kind_of(e, {}))
     total, ops = defaultdict(float), defaultdict(lambda: defaultdict(float))  # kind → seconds; kind → op → seconds
-    for e in events:  # self time: each microsecond is counted once, in the op that spent it
-        kind = kind_of(e, backward_kind)
+    kernels = 0.0  # GPU: every kernel's time, whether an op claims it or not
+    for e, kind in kinds(prof.events()).items():  # self time: each microsecond is counted once, in the op that spent it
+        if e.device_type != torch.autograd.DeviceType.CPU:  # a kernel: its time is in the op that launched it
+            kernels += e.self_device_time_total / 1e6
+            continue
         total[kind] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
         ops[kind][e.name] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+    if cuda:  # kernels no profiled op launched (compiled code may launch its own), so not sorted into a kind
+        total["unclaimed kernels"] = kernels - sum(total.values())
     # The profiler records the thread that started it (and the GPU), not the worker thread that decodes and scores:
-    # that row is bench's own clock around model.decode and the reward, the part the overlap hid included.
+    # that row is bench's own clock around model.decode and the reward, the part the overlap hid included (on a
+    # GPU the decoder's kernels are among the unclaimed ones)
     total["decode + reward"] = r["reward_busy_s"]
-    # what ran no op: the main thread between its ops (CPU), or the GPU with nothing queued (its own row included:
-    # the decoder's kernels share the GPU)
-    total["host gaps"] = seconds - sum(v for k, v in total.items() if cuda or k != "decode + reward")
+    # what ran no op: the main thread between its ops (CPU), or the GPU with no kernel running
+    total["host gaps"] = seconds - (kernels if cuda else sum(v for k, v in total.items() if k != "decode + reward"))
     unit = "kernel" if cuda else "main thread's CPU"
     print(f"{target} {variant}, compile {'on' if getattr(model, 'compiled', False) else 'off'}: the profiled epoch took "
           f"{seconds:.2f} s (train's clocks: sampling {r['sampling_s']:.2f} s, waiting for rewards {r['reward_s']:.2f} "
           f"s, training {r['training_s']:.2f} s, idle {r['idle_s']:.2f} s); {unit} self time by kind of work, with its "
           f"largest ops:")
-    for kind in KINDS:
+    for kind in KINDS + (("unclaimed kernels",) if cuda else ()):
         top = sorted(ops[kind].items(), key=lambda kv: -kv[1])[:3]
         names = ", ".join(f"{name.replace('autograd::engine::evaluate_function: ', '')} {v:.2f}" for name, v in top)
         print(f"  {kind:<24}{total[kind]:>9.3f} s{total[kind] / seconds:>7.1%}  {names}")

@@ -4,6 +4,8 @@
     python bench.py --targets sd3.5-medium --compile off,on  # SD3.5-Medium's real architecture, random weights, 512 px (GPU)
     python bench.py --flops --targets sd3.5-medium           # only the FLOP counts (meta device: any machine, seconds)
     python bench.py --activation_memory on  # SD3.5-M training activations per row, CPU, checkpointing on (or off)
+    python bench.py --profile tiny-random   # where one epoch's time goes, by kind of work (torch profiler)
+    python bench.py --targets sd3.5-medium --compile on --tf32 --sdpa_backend cudnn --fused_adamw   # GPU candidates
 
 Variants: Flow-GRPO (SDE on every step), Flow-GRPO-Fast (SDE and training on a 2-step window inside the first 5
 steps), and both again with the CPS sampler; each with the transformer blocks compiled or not (--compile). Each row
@@ -11,7 +13,12 @@ is one epoch after one warm-up epoch, timed with the training loop's own clocks 
 Columns:
     warm-up s     how much longer the first epoch took than the timed one: compilation (cold: the compile caches
                   are off), allocator and kernel warm-up
-    sampling s, reward s, training s, epoch s    the timed epoch's phases (reward = VAE decode + reward model)
+    sampling s, reward s, training s, epoch s    the timed epoch's phases (flow_grpo's time/* metrics): reward s is
+                  the time the sampling phase waited for VAE decode + reward model, i.e. what the overlap with the
+                  next batch's denoising did not hide; epoch s is the whole epoch (time/epoch_s)
+    reward busy s the decoding and scoring itself (the worker thread's time in model.decode and the reward)
+    idle s        the epoch's time outside the denoising and the training (epoch − sampling − training): the wait
+                  for rewards, advantages, logging; on a GPU, time the GPU has nothing queued from this epoch
     img/s         sampled images per second of the whole epoch
     TFLOP/s, MFU  model FLOPs of the phase's transformer calls (counted once per target with
                   torch.utils.flop_counter on the meta device: matmuls, convolutions and attention; a forward that
@@ -22,6 +29,19 @@ Columns:
     recompiles    graphs compiled during the timed epoch (0: nothing was recompiled after the warm-up)
     breaks        dynamo graph breaks (0: each block is one graph)
     peak mem GB   peak GPU memory allocated (CUDA) or the process's peak resident memory so far (CPU; it only grows)
+
+--profile TARGET runs two epochs of one variant and profiles the second with the torch profiler: every op's own
+(self) time, on the device where one runs (CPU time on a CPU, kernel time on a GPU), summed by kind of work:
+attention, the frozen matmuls (and convolutions), the LoRA branch (its matmuls and the casts around them, from the
+adapted layers' forward scopes; their backward through the autograd node each forward op created), norms and other
+elementwise work, the SDE step and loss (float32), the optimiser (AdamW, zero_grad, the gradient-norm clip), decoding
++ reward (a worker thread, overlapped: bench's own clock), and the host gaps: the epoch's wall time in which the
+main thread ran no op (CPU) or the GPU ran no kernel (one stream: kernels do not overlap). On a GPU, kernels no
+profiled op launched (compiled code may launch its own; the worker thread's decoder) are a row of their own.
+Compiled (--compile on) the blocks run as fused graphs: the LoRA scopes cannot be installed inside them, so the LoRA
+branch is counted with the other matmuls and the fused elementwise kernels.
+The GPU candidates of --tf32 (float32 matmuls in TF32), --sdpa_backend (one attention kernel) and --fused_adamw
+(torch's fused AdamW kernel) apply to every epoch bench.py runs, so that a row with and without compares them.
 """
 
 from __future__ import annotations
@@ -29,9 +49,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import resource
 import sys
 import tempfile
+import threading
+import time
+from collections import defaultdict
 from typing import Optional
 
 import torch
@@ -96,31 +120,205 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def bench_epoch(cfg: fg.Config, model: fg.FlowModel, reward_fn, prompts, device) -> dict:
-    """Time the second of two epochs (the first warms up: compilation, kernels, allocators)."""
-    graphs = []  # dynamo's count of compiled graphs at the start, after the first epoch, after the second
-    log = lambda line: graphs.append(counters["stats"]["unique_graphs"])  # noqa: E731  train logs once, then per epoch
-    with tempfile.TemporaryDirectory() as out:
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    """obj.name = value inside the block (bench's instruments around flow_grpo's calls), restored after."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+class Busy:
+    """Seconds spent inside the callables it wraps, summed over threads (decoding and scoring run in a worker)."""
+
+    def __init__(self):
+        self.seconds, self.lock = 0.0, threading.Lock()
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.seconds += time.perf_counter() - start
+
+        return timed
+
+
+def bench_epoch(cfg: fg.Config, model: fg.FlowModel, reward_fn, prompts, device, on_epoch=None) -> dict:
+    """Time the second of two epochs (the first warms up: compilation, kernels, allocators). on_epoch(i) is called
+    after epoch i's metrics line (the profiler starts and stops there)."""
+    graphs, busy = [], []  # after the plan line and after each epoch: dynamo's graph count, seconds decoding + scoring
+    reward = Busy()
+
+    def log(line):  # train logs once before the first epoch, then once per epoch
+        graphs.append(counters["stats"]["unique_graphs"])
+        busy.append(reward.seconds)
+        if on_epoch is not None and len(graphs) > 1:
+            on_epoch(len(graphs) - 2)
+
+    with tempfile.TemporaryDirectory() as out, patched(fg, "score", reward.wrap(fg.score)), \
+            patched(model, "decode", reward.wrap(model.decode)):  # fmt: skip
         cfg = dataclasses.replace(cfg, out=out, epochs=2, eval_every=0, save_every=0, resume=False)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         first, m = fg.train(cfg, model, reward_fn, prompts, device, log=log)
     plan = fg.plan_batches(cfg)
-    seconds = m["time/sampling_s"] + m["time/reward_s"] + m["time/training_s"]
-    first_seconds = first["time/sampling_s"] + first["time/reward_s"] + first["time/training_s"]
     return {
-        "warmup_s": first_seconds - seconds,
+        "warmup_s": first["time/epoch_s"] - m["time/epoch_s"],
         "sampling_s": m["time/sampling_s"],
         "reward_s": m["time/reward_s"],
+        "reward_busy_s": busy[2] - busy[1],
         "training_s": m["time/training_s"],
-        "epoch_s": seconds,
-        "images_per_s": plan.images_per_epoch / seconds,
+        "idle_s": m["time/epoch_s"] - m["time/sampling_s"] - m["time/training_s"],
+        "epoch_s": m["time/epoch_s"],
+        "images_per_s": plan.images_per_epoch / m["time/epoch_s"],
         "model_calls": plan.forwards_per_epoch,
         "graphs": graphs[1] - graphs[0],
         "recompiles": graphs[2] - graphs[1],
         "breaks": sum(counters["graph_break"].values()),
         "peak_mem_gb": peak_memory_gb(device),
     }
+
+
+# --profile: the kinds of work an epoch's op time is summed into, in the table's order
+KINDS = ("attention", "frozen matmuls + convs", "LoRA branch", "norms/elementwise", "SDE step + loss (fp32)",
+         "optimiser", "decode + reward", "host gaps")  # fmt: skip
+# the scopes bench opens around flow_grpo's calls (record_function ranges), and the kind of work inside them
+SCOPES = {"bench/decode+reward": "decode + reward", "bench/sde": "SDE step + loss (fp32)", "bench/optimiser": "optimiser",
+          "bench/lora": "LoRA branch", "bench/frozen": "frozen matmuls + convs"}  # fmt: skip
+ATTENTION_OPS = ("scaled_dot_product", "attention", "softmax", "flash", "fmha")  # CPU ops and GPU kernels
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "conv", "gemm")
+
+
+def kind_of(event, backward_kind: dict) -> str:
+    """The kind of work of one profiled op: the nearest enclosing bench scope; for a backward op, the kind of the
+    forward op whose autograd node it evaluates; otherwise its name."""
+    node = event
+    while node is not None:
+        if node.name in SCOPES:
+            return SCOPES[node.name]
+        if node.name.startswith("Optimizer."):  # torch's own scopes around AdamW.step and zero_grad
+            return "optimiser"
+        if node.name.startswith("autograd::engine::evaluate_function") and node.sequence_nr >= 0:
+            found = backward_kind.get((node.fwd_thread, node.sequence_nr))
+            if found is not None:
+                return found
+        node = node.cpu_parent
+    name = event.name.lower()
+    if any(k in name for k in ATTENTION_OPS):
+        return "attention"
+    return "frozen matmuls + convs" if any(k in name for k in MATMUL_OPS) else "norms/elementwise"
+
+
+def kinds(events) -> dict:
+    """{op: its kind of work} for the profiler's events, bench's scopes and torch's annotations left out."""
+    ops = [e for e in events if not e.is_user_annotation]
+    backward_kind = {}  # (thread, sequence number) of a forward op → its kind, for the ops of its backward
+    for e in ops:
+        if e.sequence_nr >= 0 and not e.name.startswith("autograd::engine"):
+            backward_kind.setdefault((e.thread, e.sequence_nr), kind_of(e, {}))
+    return {e: kind_of(e, backward_kind) for e in ops}
+
+
+@contextlib.contextmanager
+def scoped(model: fg.FlowModel):
+    """Open bench's scopes around flow_grpo's calls: the SDE step and loss, the optimiser's gradient clip, decoding
+    and scoring, and (eager only: hooks inside a compiled block would break its graph) every LoRA-adapted layer,
+    with its frozen base layer as a scope of its own inside it."""
+
+    def scope(name, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return fn(*args, **kwargs)
+
+        return run
+
+    hooks = []
+    if isinstance(model, fg.SD3Model) and not model.compiled:
+        for module in model.transformer.modules():
+            if hasattr(module, "lora_A") and hasattr(module, "base_layer"):  # a peft LoRA layer
+                for sub, name in ((module, "bench/lora"), (module.base_layer, "bench/frozen")):
+                    ranges = []
+                    hooks.append(sub.register_forward_pre_hook(
+                        lambda m, a, ranges=ranges, name=name: ranges.append(torch.profiler.record_function(name).__enter__())))
+                    hooks.append(sub.register_forward_hook(lambda m, a, out, ranges=ranges: ranges.pop().__exit__(None, None, None)))  # fmt: skip
+    try:
+        with contextlib.ExitStack() as stack:
+            for fn in ("sde_step", "step_kl", "grpo_loss"):
+                stack.enter_context(patched(fg, fn, scope("bench/sde", getattr(fg, fn))))
+            stack.enter_context(patched(fg, "score", scope("bench/decode+reward", fg.score)))
+            stack.enter_context(patched(model, "decode", scope("bench/decode+reward", model.decode)))
+            stack.enter_context(patched(torch.nn.utils, "clip_grad_norm_", scope("bench/optimiser", torch.nn.utils.clip_grad_norm_)))
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def profile(target: str, variant: str, compile_: str) -> None:
+    """Print where the second of two epochs spends its time, by kind of work (see the top of this file)."""
+    base, make, reward_fn, prompts, device = toy_target() if target == "toy" else sd3_target(target)
+    cfg = dataclasses.replace(base, **VARIANTS[variant], compile=compile_)
+    model = make(cfg)
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    prof, wall = torch.profiler.profile(activities=activities), []
+
+    def on_epoch(i: int) -> None:  # start after the warm-up epoch's line, stop after the profiled one's
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall.append(time.perf_counter())
+        prof.start() if i == 0 else prof.stop()
+
+    with scoped(model):
+        r = run_row(target, cfg, model, reward_fn, prompts, device, on_epoch)
+    seconds = wall[1] - wall[0]
+    total, ops = defaultdict(float), defaultdict(lambda: defaultdict(float))  # kind → seconds; kind → op → seconds
+    kernels = 0.0  # GPU: every kernel's time, whether an op claims it or not
+    for e, kind in kinds(prof.events()).items():  # self time: each microsecond is counted once, in the op that spent it
+        if e.device_type != torch.autograd.DeviceType.CPU:  # a kernel: its time is in the op that launched it
+            kernels += e.self_device_time_total / 1e6
+            continue
+        total[kind] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+        ops[kind][e.name] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+    if cuda:  # kernels no profiled op launched (compiled code may launch its own), so not sorted into a kind
+        total["unclaimed kernels"] = kernels - sum(total.values())
+    # The profiler records the thread that started it (and the GPU), not the worker thread that decodes and scores:
+    # that row is bench's own clock around model.decode and the reward, the part the overlap hid included (on a
+    # GPU the decoder's kernels are among the unclaimed ones)
+    total["decode + reward"] = r["reward_busy_s"]
+    # what ran no op: the main thread between its ops (CPU), or the GPU with no kernel running
+    total["host gaps"] = seconds - (kernels if cuda else sum(v for k, v in total.items() if k != "decode + reward"))
+    unit = "kernel" if cuda else "main thread's CPU"
+    print(f"{target} {variant}, compile {'on' if getattr(model, 'compiled', False) else 'off'}: the profiled epoch took "
+          f"{seconds:.2f} s (train's clocks: sampling {r['sampling_s']:.2f} s, waiting for rewards {r['reward_s']:.2f} "
+          f"s, training {r['training_s']:.2f} s, idle {r['idle_s']:.2f} s); {unit} self time by kind of work, with its "
+          f"largest ops:")
+    for kind in KINDS + (("unclaimed kernels",) if cuda else ()):
+        top = sorted(ops[kind].items(), key=lambda kv: -kv[1])[:3]
+        names = ", ".join(f"{name.replace('autograd::engine::evaluate_function: ', '')} {v:.2f}" for name, v in top)
+        print(f"  {kind:<24}{total[kind]:>9.3f} s{total[kind] / seconds:>7.1%}  {names}")
+    print("  (shares of the profiled epoch's wall time; decode + reward runs in a worker thread, beside the main one)")
+
+
+def run_row(target: str, cfg: fg.Config, model, reward_fn, prompts, device, on_epoch=None) -> dict:
+    """bench_epoch from a clean compiler state: every row compiles from scratch and counts only its own graphs."""
+    torch._dynamo.reset()
+    counters.clear()
+    threads = torch.get_num_threads()
+    if target == "toy":
+        torch.set_num_threads(1)  # as toy/run.py: tiny matrices run faster on one thread
+    try:
+        return bench_epoch(cfg, model, reward_fn, prompts, device, on_epoch)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def toy_target():
@@ -190,17 +388,40 @@ def main(argv=None) -> int:
     parser.add_argument("--flops", action="store_true", help="only count the FLOPs of each target's calls (meta device)")
     parser.add_argument("--activation_memory", choices=["on", "off"],
                         help="measure SD3.5-M activations on the CPU with gradient checkpointing on/off (one per process: the peak only grows)")  # fmt: skip
+    parser.add_argument("--profile", metavar="TARGET", help="profile one epoch of TARGET (its first --variants, first --compile)")
+    parser.add_argument("--tf32", action="store_true", help="GPU candidate: float32 matmuls and convolutions in TF32")
+    parser.add_argument("--sdpa_backend", choices=["flash", "efficient", "cudnn", "math"],
+                        help="GPU candidate: run attention with this scaled_dot_product_attention backend only")  # fmt: skip
+    parser.add_argument("--fused_adamw", action="store_true", help="GPU candidate: torch's fused AdamW kernel")
     args = parser.parse_args(argv)
     if args.activation_memory:
         activation_memory(args.activation_memory == "on")
         return 0
+    with contextlib.ExitStack() as stack:  # the GPU candidates, for every epoch this process runs
+        if args.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if args.sdpa_backend:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+            stack.enter_context(sdpa_kernel(getattr(SDPBackend, backend[args.sdpa_backend])))
+        if args.fused_adamw:
+            stack.enter_context(patched(torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True)))
+        return measure(args)
+
+
+def measure(args) -> int:
     for flag, values, valid in [("--targets", args.targets, ("toy", "tiny-random", "sd3.5-medium")),
+                                ("--profile", args.profile or "toy", ("toy", "tiny-random", "sd3.5-medium")),
                                 ("--variants", args.variants, VARIANTS), ("--compile", args.compile, ("on", "off", "auto"))]:  # fmt: skip
         if set(values.split(",")) - set(valid):
             raise SystemExit(f"{flag}: unknown {sorted(set(values.split(',')) - set(valid))}; choose from {', '.join(valid)}")
     torch.compiler.config.force_disable_caches = True  # warm-up = the cold compile, not a read from an earlier run's cache
+    if args.profile:
+        profile(args.profile, args.variants.split(",")[0], args.compile.split(",")[0])
+        return 0
     header = f"{'target':<14}{'variant':<16}{'compile':>8}{'warm-up s':>10}{'sampling s':>11}{'reward s':>9}" \
-             f"{'training s':>11}{'epoch s':>9}{'img/s':>8}{'samp TFLOP/s':>13}{'MFU':>6}{'train TFLOP/s':>14}" \
+             f"{'reward busy s':>14}{'training s':>11}{'idle s':>7}{'epoch s':>9}{'img/s':>8}{'samp TFLOP/s':>13}{'MFU':>6}{'train TFLOP/s':>14}" \
              f"{'MFU':>6}{'model calls':>12}{'graphs':>8}{'recompiles':>11}{'breaks':>7}{'peak mem GB':>12}"  # fmt: skip
     targets = {}
     for target in args.targets.split(","):  # FLOPs first: seconds on the meta device, before minutes of epochs
@@ -223,16 +444,8 @@ def main(argv=None) -> int:
         for variant in args.variants.split(","):
             for compile_ in ["off"] if target == "toy" else args.compile.split(","):
                 cfg = dataclasses.replace(base, **VARIANTS[variant], compile=compile_)
-                torch._dynamo.reset()  # every row compiles from scratch, and counts only its own graphs
-                counters.clear()
                 model = make(cfg)
-                threads = torch.get_num_threads()
-                if target == "toy":
-                    torch.set_num_threads(1)  # as toy/run.py: tiny matrices run faster on one thread
-                try:
-                    r = bench_epoch(cfg, model, reward_fn, prompts, device)
-                finally:
-                    torch.set_num_threads(threads)
+                r = run_row(target, cfg, model, reward_fn, prompts, device)
                 sampling_flops, training_flops = epoch_flops(f, cfg)
                 tflops = sampling_flops / r["sampling_s"] / 1e12, training_flops / r["training_s"] / 1e12
                 mfu = [f"{x / peak:>6.0%}" if peak else f"{'n/a':>6}" for x in tflops]
@@ -240,7 +453,8 @@ def main(argv=None) -> int:
                 graphs = f"{r['graphs']}/{model.graphs}" if compiled else "-"
                 print(
                     f"{target:<14}{variant:<16}{('on' if compiled else 'off'):>8}{r['warmup_s']:>10.2f}"
-                    f"{r['sampling_s']:>11.2f}{r['reward_s']:>9.2f}{r['training_s']:>11.2f}{r['epoch_s']:>9.2f}"
+                    f"{r['sampling_s']:>11.2f}{r['reward_s']:>9.2f}{r['reward_busy_s']:>14.2f}{r['training_s']:>11.2f}"
+                    f"{r['idle_s']:>7.2f}{r['epoch_s']:>9.2f}"
                     f"{r['images_per_s']:>8.1f}{tflops[0]:>13.3g}{mfu[0]}{tflops[1]:>14.3g}{mfu[1]}"
                     f"{r['model_calls']:>12d}{graphs:>8}{r['recompiles']:>11d}{r['breaks']:>7d}{r['peak_mem_gb']:>12.2f}",
                     flush=True,

@@ -67,6 +67,7 @@ import os
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -124,8 +125,8 @@ class Config:
     log_prob_reduce: str = "mean"  # "mean" (reference) or "sum" over latent elements; see sde_step
     sde_type: str = "sde"  # "sde" (paper) or "cps" (coefficients-preserving sampling, later in the reference repo)
     fast_window: int = 0  # Flow-GRPO-Fast: SDE (and training) only on this many consecutive steps; 0 = every step
-    fast_window_range: int = 5  # Fast: the window lies inside the first this-many steps, placed at random per epoch
-    fast_window_start: int = 0  # Fast: the first step the window may start at
+    fast_window_start: int = 0  # Fast: first step the window may start at
+    fast_window_range: int = 5  # Fast: the window lies in steps [fast_window_start, this), drawn anew per batch
     # --- optimiser (AdamW as in the paper) ---
     lr: float = 3e-4  # learning rate
     adam_beta1: float = 0.9  # AdamW β₁
@@ -562,7 +563,7 @@ class BatchPlan:
             f"{self.accumulation} batches x {self.n_trained} steps accumulated per optimiser step",
             f"{self.optimizer_steps_per_epoch} optimiser steps/epoch",
             f"{self.n_trained} of {cfg.num_steps} steps trained"
-            + (f" (Fast: a random window in the first {cfg.fast_window_range})" if cfg.fast_window else ""),
+            + (f" (Fast: a window per batch in steps {cfg.fast_window_start}..{cfg.fast_window_range - 1})" if cfg.fast_window else ""),
             f"{self.forwards_per_epoch} model calls/epoch",
         ]
         return " | ".join(parts)
@@ -614,9 +615,11 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
             f"--optimizer_steps_per_epoch (or the number of processes)"
         )
     if cfg.fast_window:
-        if not 1 <= cfg.fast_window <= cfg.fast_window_range <= cfg.num_steps - 1:
+        if not (1 <= cfg.fast_window and 0 <= cfg.fast_window_start
+                and cfg.fast_window_start + cfg.fast_window <= cfg.fast_window_range <= cfg.num_steps - 1):  # fmt: skip
             raise ValueError(
-                f"Flow-GRPO-Fast needs 1 <= --fast_window ({cfg.fast_window}) <= --fast_window_range "
+                f"Flow-GRPO-Fast needs 1 <= --fast_window ({cfg.fast_window}), 0 <= --fast_window_start "
+                f"({cfg.fast_window_start}), fast_window_start + fast_window <= --fast_window_range "
                 f"({cfg.fast_window_range}) <= num_steps - 1 ({cfg.num_steps - 1}; the last step is never trained)"
             )
         n_train = cfg.fast_window
@@ -835,10 +838,10 @@ class Samples:
     latents: Tensor  # (n, T+1, *D)
     log_probs: Tensor  # (n, T)
     sigmas: Tensor  # (T+1,)
-    noise_levels: Tensor  # (T,)
-    trained_steps: list[int]  # the SDE steps j that are trained
+    noise_levels: Tensor  # (n, T) the a of each row's steps (Fast: 0 outside its batch's window)
+    trained_steps: list[list[int]]  # for each batch of `batches`: its SDE steps j that are trained
     rewards: Tensor  # (N,) all processes' rewards, in global sample order
-    reward_seconds: float  # time spent decoding and scoring (part of the sampling phase)
+    reward_seconds: float  # time the sampling phase waited for decoding and scoring (what denoising did not hide)
     reward_parts: dict[str, Tensor]  # name -> (N,) for a weighted-sum reward
     advantages: Tensor  # (n,)
     kept_per_batch: Tensor  # (N/b,) how many samples of each batch m have advantage ≠ 0 (all processes' batches)
@@ -901,16 +904,18 @@ def draw_prompts(prompts: list[Prompt], k: int, seed: int, epoch: int) -> list[P
 
 
 def sde_window(cfg: Config, generator: torch.Generator) -> tuple[list[float], list[int]]:
-    """Which steps of this epoch's trajectories are stochastic, and which of them are trained.
+    """Which steps of one sampling batch's trajectories are stochastic, and which of them are trained.
 
     Flow-GRPO: every step is an SDE step; the first int(T·timestep_fraction) are trained.
-    Flow-GRPO-Fast: only a window of `fast_window` consecutive steps, placed uniformly at random inside the first
-    `fast_window_range` steps (one draw per epoch), is stochastic; the ODE runs elsewhere, and only the window is
-    trained, so training costs fast_window instead of ~T forwards per trajectory. Returns ((T,) levels, steps)."""
+    Flow-GRPO-Fast: only a window of `fast_window` consecutive steps is stochastic; the ODE runs elsewhere, and only
+    the window is trained, so training costs fast_window instead of ~T forwards per trajectory. Its start is uniform
+    over fast_window_start … fast_window_range − fast_window, as the reference's Fast pipeline draws it once per
+    sampling batch (sd3_pipeline_with_logprob_fast.py, in the fork zhtmike/flow_grpo at 3d02fd9: start =
+    random.randint(lo, hi − size) for sde_window_range = (lo, hi)). Returns ((T,) levels, steps)."""
     T, a = cfg.num_steps, cfg.noise_level
     if not cfg.fast_window:
         return [a] * T, list(range(int(T * cfg.timestep_fraction)))
-    start = int(torch.randint(0, cfg.fast_window_range - cfg.fast_window + 1, (1,), generator=generator))
+    start = int(torch.randint(cfg.fast_window_start, cfg.fast_window_range - cfg.fast_window + 1, (1,), generator=generator))
     window = list(range(start, start + cfg.fast_window))
     return [a if j in window else 0.0 for j in range(T)], window
 
@@ -928,8 +933,7 @@ def sample_epoch(
     rank, world = dist_rank_world()
     B, G, b = len(prompts), cfg.group_size, cfg.batch_size
     N = B * G
-    # the same draws on every process: levels/window, sample order, one noise seed per batch
-    levels, trained_steps = sde_window(cfg, generator)  # (T,) noise level per step, and the steps to train
+    # the same draws on every process: sample order, one noise seed per batch
     order = torch.randperm(N, generator=generator)  # (N,) batch m holds samples order[m·b : (m+1)·b]
     batch_seeds = torch.randint(0, 2**62, (N // b,), generator=generator)  # (N/b,)
     my_batches = list(range(rank, N // b, world))
@@ -937,32 +941,46 @@ def sample_epoch(
     cond = model.encode([p.text for p in prompts])  # rows (B, ...)
     group_of = torch.arange(B).repeat_interleave(G)  # (N,): sample i belongs to prompt (group) i // G
     sigmas = model.schedule(cfg.num_steps).to(device)  # (T+1,)
-    latents, log_probs, rewards, parts = [], [], [], []
-    reward_seconds = 0.0  # decoding + reward models, reported apart from the denoising
+    latents, log_probs, levels, windows, scored, waited = [], [], [], [], [], []  # waited: s spent waiting for rewards
+
+    @torch.no_grad()  # grad mode is per thread: the worker's is on
+    def finish(x0: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # one batch's rewards, in the worker
+        # a NaN image can still get a finite reward (a JPEG size): never score or train on a diverged model's samples
+        if not bool(torch.isfinite(x0).all()):
+            raise DivergenceError("the sampled latents hold NaN/inf: the model diverged; --resume from an earlier checkpoint")
+        return score(reward_fn, model.decode(x0), [prompts[i].text for i in idx], [prompts[i].metadata for i in idx])
+
+    def collect(job) -> None:  # wait for a batch's rewards; its RewardError or DivergenceError is raised here
+        t_wait = time.time()
+        scored.append(job.result())  # (rewards (b,), {name: (b,)})
+        waited.append(time.time() - t_wait)
+
     from tqdm import tqdm
 
-    for m in tqdm(my_batches, desc="sampling", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
-        ids = order[m * b : (m + 1) * b]  # (b,) global sample ids
-        idx = group_of[ids]  # (b,) their prompts
-        cond_b = select(cond, idx)
-        noise = torch.Generator().manual_seed(int(batch_seeds[m]))
-        x1 = torch.randn((b, *model.latent_shape), generator=noise).to(device)  # (b, *D)
-        traj = rollout(
-            lambda x, t: model.velocity(x, t, cond_b), x1, sigmas, levels, noise, cfg.log_prob_reduce, cfg.sde_type
-        )
-        # a NaN image can still get a finite reward (a JPEG size): never score or train on a diverged model's samples
-        # (no extra stall: the reward reads the images on the host right after)
-        if not bool(torch.isfinite(traj.latents[:, -1]).all()):
-            raise DivergenceError("the sampled latents hold NaN/inf: the model diverged; --resume from an earlier checkpoint")
-        t_reward = time.time()
-        images = model.decode(traj.latents[:, -1])
-        texts, meta = [prompts[i].text for i in idx], [prompts[i].metadata for i in idx]
-        r, components = score(reward_fn, images, texts, meta)
-        reward_seconds += time.time() - t_reward
-        parts.append(components)
-        latents.append(traj.latents)
-        log_probs.append(traj.log_probs)
-        rewards.append(r)
+    # Batch m is decoded and scored in a worker thread while batch m + 1 is denoised (the reference scores in a thread
+    # pool too: scripts/train_sd3.py, executor.submit(reward_fn, ...)): on a GPU, the CPU's JPEG encoding and reward
+    # code then run while the GPU denoises instead of leaving it idle. One worker: a reward sees one batch at a time.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        job = None
+        for m in tqdm(my_batches, desc="sampling", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+            ids = order[m * b : (m + 1) * b]  # (b,) global sample ids
+            idx = group_of[ids]  # (b,) their prompts
+            cond_b = select(cond, idx)
+            noise = torch.Generator().manual_seed(int(batch_seeds[m]))
+            # Fast: this batch's own window, from its own seed (the reference draws one per sampling batch)
+            levels_m, steps = sde_window(cfg, noise)  # (T,) noise level per step, and the steps to train
+            x1 = torch.randn((b, *model.latent_shape), generator=noise).to(device)  # (b, *D)
+            velocity = lambda x, t: model.velocity(x, t, cond_b)  # noqa: E731
+            traj = rollout(velocity, x1, sigmas, levels_m, noise, cfg.log_prob_reduce, cfg.sde_type)
+            if job is not None:
+                collect(job)
+            job = pool.submit(finish, traj.latents[:, -1], idx)
+            latents.append(traj.latents)
+            log_probs.append(traj.log_probs)
+            levels.append(traj.noise_levels.expand(b, -1))
+            windows.append(steps)
+        collect(job)
+    rewards, parts = [r for r, _ in scored], [c for _, c in scored]
     my_ids = torch.cat([order[m * b : (m + 1) * b] for m in my_batches])  # (n,) n = N/R samples of this process
     # every process needs every reward: the group statistics span processes                 (N,) in sample order
     all_rewards = gather_by_id(torch.cat(rewards), my_ids, N, device)
@@ -974,10 +992,10 @@ def sample_epoch(
         latents=torch.cat(latents),  # (n, T+1, *D)
         log_probs=torch.cat(log_probs),  # (n, T)
         sigmas=sigmas,
-        noise_levels=traj.noise_levels,
-        trained_steps=trained_steps,
+        noise_levels=torch.cat(levels),  # (n, T)
+        trained_steps=windows,
         rewards=all_rewards,
-        reward_seconds=reward_seconds,
+        reward_seconds=sum(waited),
         reward_parts=all_parts,
         advantages=advantages[my_ids],  # (n,)
         kept_per_batch=(advantages[order].reshape(N // b, b) != 0).sum(dim=1),  # (N/b,)
@@ -1015,11 +1033,12 @@ def train_epoch(
     rank, world = dist_rank_world()
     params = model.trainable_parameters()
     beta = cfg.resolved_beta()
-    b, acc, S = cfg.batch_size, plan.accumulation, len(s.trained_steps)
+    b, acc, S = cfg.batch_size, plan.accumulation, plan.n_trained  # S steps in every batch (Fast: its own window)
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)  # disabled: every call is a pass-through
     device = s.latents.device
     ddp = getattr(model, "net", None) if world > 1 else None
     row_of = {m: i * b for i, m in enumerate(s.batches)}  # batch m → its first row in this process's tensors
+    steps_of = dict(zip(s.batches, s.trained_steps))  # batch m → the steps it trains
     advantages, prompt_index = s.advantages.to(device), s.prompt_index.to(device)  # (n,), moved once
     sums = torch.zeros(len(TRAIN_INFO) + 1, dtype=torch.float64, device=device)  # Σ k_m·info per term, Σ k_m
     grad_norms = []
@@ -1037,7 +1056,7 @@ def train_epoch(
                 cond_b = select(s.cond, prompt_index[rows])
                 adv = advantages[rows]  # (b,) the same advantage at every step of a trajectory
                 k_m = int(s.kept_per_batch[m])
-                for jj, j in enumerate(s.trained_steps):
+                for jj, j in enumerate(steps_of[m]):
                     # DDP all-reduces gradients on a backward; only the step's last one needs to (no_sync)
                     last = i == len(mine) - 1 and jj == S - 1
                     with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
@@ -1076,7 +1095,7 @@ def train_step(
     x_j = s.latents[rows, j]  # (b, *D)
     x_next = s.latents[rows, j + 1]  # (b, *D) the action that was taken
     t, t_next = s.sigmas[j], s.sigmas[j + 1]
-    a = float(s.noise_levels[j])
+    a = float(s.noise_levels[rows.start, j])
     ref_mean = None
     if beta > 0:
         # reference policy: the same network with the trainable delta switched off

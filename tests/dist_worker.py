@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node R tests/dist_worker.py MODE OUT
 
-MODE: "toy" or "tiny" (train a few epochs, then write this rank's epoch-0 advantages and its weights before and
+MODE: "toy", "fast" (the toy with a Fast window of 1 step, drawn per batch) or "tiny" (train a few epochs, then write this rank's epoch-0 advantages and its weights before and
 after training into OUT), "fail" (rank 1's reward returns NaN: the whole run must stop with that error instead of
 hanging), "hang" (the command line with --dist_timeout_s 10, and rank 1's reward never returns: rank 0 must end
 the run with the timeout message).
@@ -30,7 +30,7 @@ ONE_STEP = 0.1
 
 def build(mode: str, out: str):
     """(cfg, model, reward_fn, prompts, device) for a small, fast run."""
-    if mode in ("toy", "fail"):
+    if mode in ("toy", "fast", "fail"):
         import argparse
 
         from toy import run as toy
@@ -40,6 +40,8 @@ def build(mode: str, out: str):
         cfg = toy.toy_config(args)
         # 64 samples in 4 batches of 16, 2 optimiser steps of 2 batches: one batch per process per step at R = 2
         cfg = dataclasses.replace(cfg, optimizer_steps_per_epoch=2, eval_every=0, save_every=0, timestep_fraction=ONE_STEP)
+        if mode == "fast":  # one trained step too: a window of 1 placed among steps 1..4, per batch
+            cfg = dataclasses.replace(cfg, fast_window=1, fast_window_start=1, fast_window_range=5)
         model = toy.ToyModel(toy.pretrained(0), cfg.guidance_scale)
         return cfg, model, toy.toy_reward, [fg.Prompt(p) for p in toy.PROMPTS], "cpu"
     import rewards
@@ -105,7 +107,8 @@ def main(mode: str, out: str) -> None:
     fg.train(cfg, model, reward_fn, prompts, device, log=lambda line: None)
     weights = {f"p{i}": p.detach().contiguous() for i, p in enumerate(model.trainable_parameters())}
     save_file(
-        {"sample_ids": s.sample_ids, "advantages": s.advantages, "rewards": s.rewards, **before, **weights},
+        {"sample_ids": s.sample_ids, "advantages": s.advantages, "rewards": s.rewards, "batches": torch.tensor(s.batches),
+         "windows": torch.tensor(s.trained_steps), **before, **weights},  # fmt: skip
         os.path.join(out, f"rank{rank}-of-{world}.safetensors"),
     )
 

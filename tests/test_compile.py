@@ -102,12 +102,13 @@ def dual_attention_model(cfg) -> fg.SD3Model:
 EVERY_KIND_OF_CALL = dict(
     beta=0.04, lr=0.0, weight_decay=0.0, group_size=2, groups_per_epoch=2, batch_size=2, num_steps=3, fast_window=1,
     fast_window_range=2, eval_every=1, eval_count=1, eval_num_steps=2, ema=True, ema_every=1, gradient_checkpointing=True,
+    seed=0,  # seed 0: the two sampling batches of each epoch draw different Fast windows
 )  # fmt: skip
 
 
 @pytest.mark.slow
 def test_after_the_first_epoch_nothing_is_compiled_again(tmp_path, monkeypatch):
-    """One epoch runs every kind of call: sampling (Fast window: SDE and ODE steps), training (grad, gradient
+    """One epoch runs every kind of call: sampling (Fast windows: SDE and ODE steps), training (grad, gradient
     checkpointing), the reference forward (adapters off), evaluation (EMA weights, a padded last batch). The second
     epoch must compile nothing. Guards and recompiles are dynamo's decisions, whatever the backend, so this test
     uses backend="eager" (dynamo captures and guards each graph, then runs it without generating code): seconds
@@ -115,6 +116,14 @@ def test_after_the_first_epoch_nothing_is_compiled_again(tmp_path, monkeypatch):
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager", **kw))
     cfg = tiny_cfg(tmp_path, compile="on", **EVERY_KIND_OF_CALL)
+    sde_window, windows = fg.sde_window, []  # the windows the sampling batches draw
+
+    def recorded(*args):
+        levels, steps = sde_window(*args)
+        windows.append(steps)
+        return levels, steps
+
+    monkeypatch.setattr(fg, "sde_window", recorded)
     model = dual_attention_model(cfg)
     graphs = []  # after the batch-plan line, then after each epoch's line
     log = lambda line: graphs.append(counters["stats"]["unique_graphs"])  # noqa: E731
@@ -124,6 +133,7 @@ def test_after_the_first_epoch_nothing_is_compiled_again(tmp_path, monkeypatch):
     assert model.graphs == 6
     assert graphs == [0, 6, 6]  # all compiled in the first epoch (none left to run eagerly), none in the second
     assert not counters["graph_break"]
+    assert windows[:2] == [[1], [0]] and windows[2:] == [[0], [1]]  # seed 0: each epoch's two batches differ
     # unchanged weights (lr 0): every recomputed log-prob equals the sampled one in both epochs
     assert [(m["policy/ratio"], m["policy/approx_kl"]) for m in history] == [(1.0, 0.0), (1.0, 0.0)]
 

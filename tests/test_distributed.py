@@ -45,7 +45,7 @@ def run_worker(tmp_path, mode: str, nproc: int):
     return out, [load_file(out / f"rank{r}-of-{nproc}.safetensors") for r in range(nproc)]
 
 
-@pytest.mark.parametrize("mode", ["toy", "tiny"])
+@pytest.mark.parametrize("mode", ["toy", "fast", "tiny"])
 def test_two_processes_match_one(tmp_path, mode):
     _, (single,) = run_worker(tmp_path, mode, 1)
     out2, ranks = run_worker(tmp_path, mode, 2)
@@ -59,6 +59,10 @@ def test_two_processes_match_one(tmp_path, mode):
         # exact: the same gathered rewards go through the same group_advantages on every process
         assert torch.equal(r["rewards"], single["rewards"])  # gathered: all N on every rank
         assert torch.equal(r["advantages"], adv_single[r["sample_ids"]])
+    # the steps each batch trains (Fast: its window, drawn from the batch's own seed) do not depend on who samples it
+    windows = {m: w for r in ranks for m, w in zip(r["batches"].tolist(), r["windows"].tolist())}
+    assert windows == dict(zip(single["batches"].tolist(), single["windows"].tolist()))
+    assert mode != "fast" or len({tuple(w) for w in windows.values()}) > 1  # and batches drew different windows
     # weights: identical on both ranks (DDP), and BIT FOR BIT equal to the single-process run. Why exact and not
     # "close": dist_worker trains one denoising step per trajectory with one batch per process per optimiser step,
     # so each process does a single backward per step. Alone: grad = fl(c₀g₀ + c₁g₁) (c_m: train_epoch's loss

@@ -117,7 +117,7 @@ def hand_gradients(cfg: fg.Config, model: LinearFlow, s: fg.Samples) -> list[tup
     and |μ| + |μ_ref| in place of μ − μ_ref."""
     W, c = (p.detach().double() for p in model.net.parameters())
     W_ref, c_ref = (p.detach().double() for p in model.ref_net.parameters())
-    b, acc, S, D = cfg.batch_size, len(s.batches) // cfg.optimizer_steps_per_epoch, len(s.trained_steps), 2
+    b, acc, D = cfg.batch_size, len(s.batches) // cfg.optimizer_steps_per_epoch, 2
     out = []
     for k in range(cfg.optimizer_steps_per_epoch):
         batches = range(k * acc, (k + 1) * acc)
@@ -129,9 +129,11 @@ def hand_gradients(cfg: fg.Config, model: LinearFlow, s: fg.Samples) -> list[tup
             rows = slice(m * b, (m + 1) * b)
             A = s.advantages[rows].double()  # (b,)
             keep = A != 0
-            for j in s.trained_steps:
+            steps = s.trained_steps[s.batches.index(m)]  # this batch's trained steps (all of them: no Fast window)
+            S = len(steps)
+            for j in steps:
                 x, x_next = s.latents[rows, j].double(), s.latents[rows, j + 1].double()  # (b, 2)
-                t, t_next, a = s.sigmas[j], s.sigmas[j + 1], float(s.noise_levels[j])
+                t, t_next, a = s.sigmas[j], s.sigmas[j + 1], float(s.noise_levels[rows.start, j])
                 alpha = fg.sde_mean_std(torch.ones(1, 1), torch.zeros(1, 1), t, t_next, a)[0].double()  # μ = α·x + β·v
                 beta, std = (z.double() for z in fg.sde_mean_std(torch.zeros(1, 1), torch.ones(1, 1), t, t_next, a))
                 v, v_ref = x @ W.T + c, x @ W_ref.T + c_ref  # (b, 2)

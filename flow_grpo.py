@@ -35,9 +35,9 @@ Beside it, runfiles.py holds the run's plumbing, which changes nothing that is t
 split, the lock on --out, metrics.jsonl, checkpoints (atomic, checked whole) and what a resumed run may change;
 compat.py looks up the torch APIs that differ across the supported versions.
 
-Importing this file is cheap: torch only (and runfiles.py, compat.py, watch.py: standard library and torch). diffusers,
-transformers, peft and the rewards are imported inside the functions that need them, so the toy and the tests of
-the math never pay for them.
+Importing this file is cheap: torch only (and runfiles.py, compat.py, watch.py, rewards.py: standard library, torch,
+PIL). diffusers, transformers, peft and the reward models are imported inside the functions that need them, so the
+toy and the tests of the math never pay for them.
 """
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,9 +77,10 @@ from torch import Tensor
 import compat  # the torch versions supported: APIs newer than the lowest are looked up there; quiet libraries
 # the run's plumbing (prompt files, the output folder, metrics.jsonl, checkpoints, the resume rules): runfiles.py
 from runfiles import (
-    CheckpointError, DivergenceError, Prompt, RewardError, append_metrics, claim_metrics, eval_prompt_set,
+    CheckpointError, DivergenceError, Prompt, append_metrics, claim_metrics, eval_prompt_set,
     load_prompts, open_run, resume_run, save_checkpoint, save_grid,
 )  # fmt: skip
+from rewards import RewardError, score  # score(): a reward's values, checked (NaN, shape) before anything trains
 from watch import RunWatch, check_report_to  # the curves picture and the optional trackers (standard library)
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -795,37 +796,6 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # --- 9. The training loop (paper Algorithm: sample groups → rewards → advantages → clipped updates) ---
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def check_rewards(rewards: Tensor, n: int, name: str = "reward") -> Tensor:
-    """Stop before any update if a reward is NaN/inf or of the wrong shape (training on it would be garbage)."""
-    if not torch.is_tensor(rewards) or rewards.shape != (n,):
-        shape = tuple(rewards.shape) if torch.is_tensor(rewards) else type(rewards).__name__
-        raise RewardError(f"{name} must return a tensor of shape ({n},) for {n} images, got {shape}")
-    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-    if bad:
-        raise RewardError(f"{name} returned NaN/inf for samples {bad[:10]}; no update was applied")
-    return rewards.float().cpu()
-
-
-def score(reward_fn: Callable, images: Tensor, texts: list[str], meta: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Rewards (n,), checked, and what to log beside them {key: (n,)}: for a weighted sum (rewards.WeightedReward)
-    each of its rewards (checked too), and the diagnostics a reward adds under "name/key" (NaN where one does not
-    apply to a sample, e.g. GenEval's accuracy per prompt tag; logged as the mean over the others)."""
-    n = len(texts)
-    if not hasattr(reward_fn, "components"):
-        return check_rewards(reward_fn(images, texts, meta), n), {}
-    parts = reward_fn.components(images, texts, meta)  # every reward model runs once
-    several = sum("/" not in k for k in parts) > 1
-    logged = {}
-    for k, v in parts.items():
-        if "/" in k:  # a diagnostic: NaN allowed (not applicable), only its shape is checked
-            v = torch.as_tensor(v, dtype=torch.float32).cpu()
-            check_rewards(v.nan_to_num(0.0), n, f"reward '{k}'")
-            logged[k] = v
-        elif several:
-            logged[k] = check_rewards(v, n, f"reward '{k}'")
-    return check_rewards(reward_fn.combine(parts), n), logged
 
 
 

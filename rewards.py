@@ -12,7 +12,8 @@ Every reward is a callable
                 ``{"text": "OPEN"}`` for the OCR reward.
 
 Higher is always better: the trainer maximises the reward. Rewards do not check
-for NaN or shapes themselves; the trainer validates what comes back in one place.
+for NaN or shapes themselves; the trainer calls them through ``score`` (at the end
+of this file), which validates what comes back in one place.
 
 Rewards, their ranges and what they are for
 -------------------------------------------
@@ -72,12 +73,14 @@ import shutil
 import socket
 import urllib.parse
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from PIL import Image
 
 __all__ = [
     "REWARDS",
+    "RewardError",
     "ClipReward",
     "Detection",
     "GenevalReward",
@@ -105,6 +108,7 @@ __all__ = [
     "parse_model_options",
     "parse_spec",
     "pickscore",
+    "score",
     "relative_position",
     "select_detections",
     "to_pil",
@@ -1152,3 +1156,43 @@ def build_reward(spec: str, device="cpu", **overrides) -> WeightedReward:
         except TypeError as err:
             raise ValueError(f"bad override for reward {name!r}: {err}") from err
     return WeightedReward(built, weights)
+
+
+# --------------------------------------------------------------------------
+# Calling a reward: the one place that checks what comes back
+# --------------------------------------------------------------------------
+
+
+class RewardError(RuntimeError):
+    """The reward function returned something that must not be trained on."""
+
+
+def check_rewards(rewards: torch.Tensor, n: int, name: str = "reward") -> torch.Tensor:
+    """Stop before any update if a reward is NaN/inf or of the wrong shape (training on it would be garbage)."""
+    if not torch.is_tensor(rewards) or rewards.shape != (n,):
+        shape = tuple(rewards.shape) if torch.is_tensor(rewards) else type(rewards).__name__
+        raise RewardError(f"{name} must return a tensor of shape ({n},) for {n} images, got {shape}")
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(f"{name} returned NaN/inf for samples {bad[:10]}; no update was applied")
+    return rewards.float().cpu()
+
+
+def score(reward_fn: Callable, images: torch.Tensor, texts: list[str], meta: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rewards (n,), checked, and what to log beside them {key: (n,)}: for a weighted sum (rewards.WeightedReward)
+    each of its rewards (checked too), and the diagnostics a reward adds under "name/key" (NaN where one does not
+    apply to a sample, e.g. GenEval's accuracy per prompt tag; logged as the mean over the others)."""
+    n = len(texts)
+    if not hasattr(reward_fn, "components"):
+        return check_rewards(reward_fn(images, texts, meta), n), {}
+    parts = reward_fn.components(images, texts, meta)  # every reward model runs once
+    several = sum("/" not in k for k in parts) > 1
+    logged = {}
+    for k, v in parts.items():
+        if "/" in k:  # a diagnostic: NaN allowed (not applicable), only its shape is checked
+            v = torch.as_tensor(v, dtype=torch.float32).cpu()
+            check_rewards(v.nan_to_num(0.0), n, f"reward '{k}'")
+            logged[k] = v
+        elif several:
+            logged[k] = check_rewards(v, n, f"reward '{k}'")
+    return check_rewards(reward_fn.combine(parts), n), logged

@@ -188,10 +188,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be resumed from; the message names the file and what to do instead."""
 
 
-class RewardError(RuntimeError):
-    """The reward function returned something that must not be trained on."""
-
-
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss, gradient or sample: stop before it reaches the weights."""
 

@@ -303,3 +303,30 @@ def test_the_sde_noise_limit_is_where_the_first_step_stops_denoising(tmp_path):
         _, _, mean, _ = fg.sde_step(x, v, 1.0, 0.9, a, prev_x=x)
         assert torch.allclose(mean, torch.full_like(x, coefficient), atol=1e-6)
     fg.plan_batches(small_cfg(tmp_path, noise_level=1.4))  # just below: accepted
+
+
+# --- 2 and 5 under torchrun (2 processes, gloo on the CPU) ---
+
+
+def test_under_torchrun_a_sigterm_to_one_process_stops_both_at_the_same_batch(tmp_path):
+    from test_distributed import torchrun
+
+    result = torchrun(2, "tests/dist_worker.py", "sigterm", str(tmp_path))  # rank 1 alone gets SIGTERM in epoch 1
+    saved = os.path.join(str(tmp_path), "run", "checkpoints", "epoch-000001")
+    # rank 0 prints the line although the signal reached rank 1 only: they agreed to stop (and saved) together
+    assert result.stderr.count(f"stopped by SIGTERM in epoch 1: saved {saved}") == 1, result.stderr[-3000:]
+    assert "continue with: torchrun --nproc_per_node 2 flow_grpo.py" in result.stderr and "Traceback" not in result.stderr
+    assert runfiles.read_checkpoint(saved)["epoch"] == 1
+    assert [m["epoch"] for m in metrics(os.path.join(str(tmp_path), "run"))] == [0]
+
+
+def test_a_stopped_rank_ends_the_run_at_once_with_our_message_last(tmp_path):
+    from test_distributed import torchrun
+
+    result = torchrun(2, "tests/dist_worker.py", "stop", str(tmp_path))  # rank 1 is SIGSTOPped while sampling
+    assert result.returncode != 0
+    # torchrun's summary, which it prints last, shows our message as the cause
+    summary = result.stderr.rsplit("Root Cause (first observed failure):", 1)[-1]
+    assert "another process did not answer for --dist_timeout_s 10 s" in summary, result.stderr[-3000:]
+    # and torchrun did not wait its 30 s for the stopped process to obey SIGTERM: rank 0 ended it
+    assert "forcefully exiting" not in result.stderr

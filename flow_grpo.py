@@ -631,8 +631,7 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
         n_train = int(cfg.num_steps * cfg.timestep_fraction)
         if not 1 <= n_train <= cfg.num_steps:
             raise ValueError(
-                f"--timestep_fraction {cfg.timestep_fraction} of {cfg.num_steps} steps trains int({cfg.num_steps} x "
-                f"{cfg.timestep_fraction}) = {n_train} steps; need >= 1"
+                f"--timestep_fraction {cfg.timestep_fraction} of {cfg.num_steps} steps trains {n_train} steps; need >= 1"
             )
     if cfg.sde_type not in ("sde", "cps"):
         raise ValueError(f"--sde_type must be 'sde' or 'cps', got {cfg.sde_type!r}")

@@ -1,6 +1,7 @@
 """The run's plumbing, beside the method: the files a Flow-GRPO run reads and writes, checked. Prompt sets and the
 held-out split, the lock on the output folder, metrics.jsonl, checkpoints (atomic writes, integrity, what a resumed
-run may change), the evaluation grid.
+run may change, one history per folder, a full disk), stopping on SIGTERM/SIGINT with the last epoch saved, what a
+failing process leaves for torchrun, the evaluation grid.
 
 flow_grpo.py holds every line that changes what is trained; this file holds what keeps a run's files whole and
 honest, and train() calls it in a few lines whose names say what they guarantee. Every error names the file (and
@@ -23,6 +24,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -540,8 +542,9 @@ def load_checkpoint(checkpoint: tuple[str, dict], model, optimizer, ema, cfg) ->
 # whichever of them got the signal. Before train() has begun there is nothing to save: the signal stops at once.
 
 
-class StopRequested(Exception):
-    """SIGTERM or SIGINT stopped the run; `checkpoint` holds its last finished epoch (None: nothing was saved)."""
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT stopped the run; `checkpoint` holds its last finished epoch (None: nothing was saved).
+    A BaseException, like KeyboardInterrupt: an `except Exception` on the way (a reward check) must not swallow it."""
 
     def __init__(self, signum: int, checkpoint: Optional[str] = None, epoch: Optional[int] = None):
         super().__init__(signal.Signals(signum).name)
@@ -563,6 +566,9 @@ def stop_on_signals() -> Iterator[None]:
         if _STOP["run"] is None:  # not training yet: nothing to save, stop where we are
             raise StopRequested(signum)
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     _STOP.update(signal=0, armed=True, run=None)
     try:

@@ -175,6 +175,17 @@ def test_sigint_stops_at_the_next_batch_and_saves_the_last_finished_epoch(tmp_pa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put the handlers back
 
 
+def test_a_signal_before_training_stops_at_once_with_one_line(tmp_path, capsys, monkeypatch):
+    def terminated(device="cpu"):  # SIGTERM while the reward models load (inside the check's `except Exception`)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return constant_reward
+
+    monkeypatch.setitem(rewards.REWARDS, "jpeg_compressibility", terminated)
+    code, err = run_main([*SMALL, "--out", str(tmp_path / "run")], capsys)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM before training began: nothing to save" in err
+    assert "Traceback" not in ours(err) and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_resume_command_replaces_any_resume_flag():
     assert runfiles.resume_command(["--lr", "1e-3", "--resume", "runs/x/checkpoints/epoch-000005", "--out", "a b"], 1) == (
         "python flow_grpo.py --lr 1e-3 --out 'a b' --resume")
@@ -313,9 +324,13 @@ def test_under_torchrun_a_sigterm_to_one_process_stops_both_at_the_same_batch(tm
 
     result = torchrun(2, "tests/dist_worker.py", "sigterm", str(tmp_path))  # rank 1 alone gets SIGTERM in epoch 1
     saved = os.path.join(str(tmp_path), "run", "checkpoints", "epoch-000001")
-    # rank 0 prints the line although the signal reached rank 1 only: they agreed to stop (and saved) together
-    assert result.stderr.count(f"stopped by SIGTERM in epoch 1: saved {saved}") == 1, result.stderr[-3000:]
-    assert "continue with: torchrun --nproc_per_node 2 flow_grpo.py" in result.stderr and "Traceback" not in result.stderr
+    # rank 0 prints the line although the signal reached rank 1 only: they agreed to stop (and saved) together;
+    # torchrun's summary, printed last, repeats it as the cause
+    ours, summary = result.stderr.split("Root Cause (first observed failure):")
+    assert ours.count(f"stopped by SIGTERM in epoch 1: saved {saved}") == 1, result.stderr[-3000:]
+    assert f"traceback : stopped by SIGTERM in epoch 1: saved {saved}" in summary
+    assert "continue with: torchrun --nproc_per_node 2 flow_grpo.py" in ours
+    assert "StopRequested" not in result.stderr  # the only traceback is torchrun's own ChildFailedError
     assert runfiles.read_checkpoint(saved)["epoch"] == 1
     assert [m["epoch"] for m in metrics(os.path.join(str(tmp_path), "run"))] == [0]
 

@@ -155,21 +155,26 @@ def test_sigint_stops_at_the_next_batch_and_saves_the_last_finished_epoch(tmp_pa
     uninterrupted run saves after epoch 1, bit for bit: the optimiser steps epoch 1 took before the stop are undone."""
     whole = str(tmp_path / "whole")
     assert fg.main([*SMALL, "--out", whole, "--epochs", "2", "--save_every", "1"]) == 0
-    calls, target = [], {"sampling": (fg, "sample_epoch", 1), "training": (fg, "train_step", 3)}[where]
-    original = getattr(*target[:2])
+    # an epoch: one sample_epoch call; 2 batches x 3 trained steps = 6 train_step calls, one optimiser step per batch.
+    # Ctrl-C at epoch 1's sampling, or at its first trained step: then the stop comes at the second batch, after
+    # epoch 1's first optimiser step, which the saved checkpoint must not contain
+    plan = {"sampling": (fg, "sample_epoch", 2, 2), "training": (fg, "train_step", 7, 9)}
+    calls, (module, name, at, stopped_after) = [], plan[where]
+    original = getattr(module, name)
 
     def interrupted(*args, **kwargs):
-        calls.append(1)  # call 0 is epoch 0; epoch 1's first trained step (of 1 per batch... several) sends Ctrl-C
-        if len(calls) == target[2] + 1:
+        calls.append(1)
+        if len(calls) == at:
             os.kill(os.getpid(), signal.SIGINT)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(*target[:2], interrupted)
+    monkeypatch.setattr(module, name, interrupted)
     capsys.readouterr()
     stopped = str(tmp_path / "stopped")
     code = fg.main([*SMALL, "--out", stopped, "--epochs", "2", "--save_every", "0"])
     err = ours(capsys.readouterr().err)
     assert code == 130 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped by SIGINT"), err
+    assert len(calls) == stopped_after  # where it stopped: the next stop point after the signal
     assert f"stopped by SIGINT in epoch 1: saved {os.path.join(stopped, 'checkpoints', 'epoch-000001')}" in err
     assert_same_checkpoint(os.path.join(whole, "checkpoints", "epoch-000001"), os.path.join(stopped, "checkpoints", "epoch-000001"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put the handlers back

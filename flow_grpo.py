@@ -76,9 +76,10 @@ from torch import Tensor
 
 import compat  # the torch versions supported: APIs newer than the lowest are looked up there; quiet libraries
 # the run's plumbing (prompt files, the output folder, metrics.jsonl, checkpoints, the resume rules): runfiles.py
+import runfiles
 from runfiles import (
-    CheckpointError, DivergenceError, Prompt, append_metrics, claim_metrics, eval_prompt_set,
-    load_prompts, open_run, resume_run, save_checkpoint, save_grid,
+    CheckpointError, DiskError, DivergenceError, EpochUndo, Prompt, append_metrics, claim_metrics, eval_prompt_set,
+    load_prompts, open_run, resume_run, save_checkpoint, save_grid, stop_point,
 )  # fmt: skip
 from rewards import RewardError, score  # score(): a reward's values, checked (NaN, shape) before anything trains
 from watch import RunWatch, check_report_to  # the curves picture and the optional trackers (standard library)
@@ -147,6 +148,7 @@ class Config:
     eval_prompts: str = ""  # held-out prompts: a file, or a set/folder (its test split); "" = test split of --prompts
     eval_count: int = 16  # evaluate on at most this many of them (a fixed seeded draw); 0 = all
     save_every: int = 10  # checkpoint every this many epochs (and at the end); 0 = only at the end
+    max_zero_adv_epochs: int = 10  # stop (exit 1) after this many epochs in a row with every advantage 0; 0 = never
     resume: str = ""  # --resume: continue from the latest checkpoint in --out; --resume PATH: from that checkpoint
     mixed_precision: str = "bf16"  # "bf16", "fp16" or "no": dtype of the frozen weights on a GPU (CPU: float32)
     gradient_checkpointing: bool = False  # trade compute for activation memory in the transformer
@@ -586,15 +588,24 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
     for name in ("groups_per_epoch", "batch_size", "optimizer_steps_per_epoch", "inner_epochs", "num_steps", "epochs",
                  "eval_num_steps", "resolution", "lora_rank", "ema_every", "max_sequence_length"):  # fmt: skip
         need(getattr(cfg, name) >= 1, name, ">= 1")
-    for name in ("eval_every", "save_every", "eval_count", "fast_window", "lr", "weight_decay"):
+    for name in ("eval_every", "save_every", "eval_count", "fast_window", "lr", "weight_decay", "max_zero_adv_epochs"):
         need(getattr(cfg, name) >= 0, name, ">= 0")
     for name in ("clip_range", "adv_clip", "max_grad_norm", "lora_alpha", "adam_eps"):
         need(getattr(cfg, name) > 0, name, "> 0")
     for name in ("ema_decay", "adam_beta1", "adam_beta2"):
         need(0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
     need(cfg.beta is None or cfg.beta >= 0, "beta", ">= 0")
+    # random.Random(seed) draws the prompts and seeds by |seed| (so -1 would repeat 1's prompts with other noise)
+    need(0 <= cfg.seed < 2**32, "seed", "in [0, 2^32)")
+    # v = v_u + w·(v_c − v_u): w = 1 is the conditional model alone (no CFG); below 1 the prompt is weakened, 0 drops it
+    need(cfg.guidance_scale >= 1, "guidance_scale", ">= 1 (1: no CFG, the prompt alone; 0 would ignore the prompt)")
+    need(0 < cfg.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]: the fraction of --num_steps trained (0.99: 9 of 10)")
     if cfg.noise_level <= 0:
         raise ValueError(f"--noise_level must be > 0 to train (a = 0 is the deterministic ODE), got {cfg.noise_level}")
+    if cfg.sde_type == "sde" and cfg.noise_level >= math.sqrt(2):
+        # the first step's mean is x·(1 − a²/2) + …: at a ≥ √2 it no longer points from the noise towards the data
+        raise ValueError(f"--noise_level must be < √2 ≈ 1.414 for the SDE (its first step's mean is x·(1 − a²/2) + ...; "
+                         f"the reference uses 0.7 to 0.9), got {cfg.noise_level}")  # fmt: skip
     n = cfg.groups_per_epoch * cfg.group_size
     if n % cfg.batch_size:
         raise ValueError(
@@ -933,6 +944,7 @@ def sample_epoch(
     with ThreadPoolExecutor(max_workers=1) as pool:
         job = None
         for m in tqdm(my_batches, desc="sampling", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+            stop_point()  # SIGTERM/SIGINT: the run stops here (runfiles.py), the last finished epoch saved
             ids = order[m * b : (m + 1) * b]  # (b,) global sample ids
             idx = group_of[ids]  # (b,) their prompts
             cond_b = select(cond, idx)
@@ -1022,6 +1034,7 @@ def train_epoch(
             mine = [m for m in range(k * acc, (k + 1) * acc) if m in row_of]
             loss_sum = torch.zeros((), device=device)
             for i, m in enumerate(mine):
+                stop_point()
                 rows = slice(row_of[m], row_of[m] + b)  # a view, no copy
                 cond_b = select(s.cond, prompt_index[rows])
                 adv = advantages[rows]  # (b,) the same advantage at every step of a trajectory
@@ -1053,8 +1066,9 @@ def train_epoch(
     if world > 1:  # every process logs the same numbers: the means over all processes' batches
         stats = all_reduce_sum(stats, device)
         stats[-2:] /= world  # every process saw the same gradient norms
-    out = {key: (stats[i] / stats[len(TRAIN_INFO)]).item() if stats[len(TRAIN_INFO)] > 0 else 0.0 for i, key in enumerate(TRAIN_INFO)}
-    out["grad_norm"] = (stats[-2] / stats[-1]).item() if stats[-1] > 0 else 0.0
+    # NaN (null in metrics.jsonl) where nothing was measured: no sample had an advantage ≠ 0
+    out = {key: (stats[i] / stats[len(TRAIN_INFO)]).item() if stats[len(TRAIN_INFO)] > 0 else math.nan for i, key in enumerate(TRAIN_INFO)}
+    out["grad_norm"] = (stats[-2] / stats[-1]).item() if stats[-1] > 0 else math.nan
     return out
 
 
@@ -1091,6 +1105,7 @@ def evaluate(cfg: Config, model: FlowModel, reward_fn: Callable, prompts: list[P
     cond = model.encode([p.text for p in prompts])
     rewards, outputs, parts = [], [], []
     for start in range(0, len(prompts), cfg.batch_size):
+        stop_point()
         # every forward has batch_size rows, as in training (a compiled model then needs no graph for another shape):
         # the last batch is padded with copies of its last prompt, whose results are dropped
         n = min(cfg.batch_size, len(prompts) - start)
@@ -1139,6 +1154,7 @@ def train(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
     )
     ema = EMA(params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
+    undo = EpochUndo(cfg, model, optimizer, ema, rank, device)  # what a SIGTERM/SIGINT puts back and saves
     # loss scaling for fp16 networks on a GPU (bf16 has float32's exponent range and needs none)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and torch.device(device).type == "cuda")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
@@ -1155,9 +1171,10 @@ def train(
         if ema is not None:
             ema.step(state["step"])
 
-    history = []
+    history, idle = [], 0  # idle: epochs in a row in which every advantage was 0
     for epoch in range(epoch0, cfg.epochs):
         t_start = time.time()
+        undo.begin(epoch, state["step"])
         # one generator per epoch: a resumed run draws exactly the noise the uninterrupted run would have drawn
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         epoch_prompts = draw_prompts(prompts, cfg.groups_per_epoch, cfg.seed, epoch)
@@ -1202,16 +1219,26 @@ def train(
                 import torch.distributed as dist
 
                 dist.barrier()
+        # every group scored all alike: no update. The same on every process (the advantages are computed on each).
+        idle = idle + 1 if m["policy/zero_adv_frac"] == 1 else 0
+        if cfg.max_zero_adv_epochs and idle >= cfg.max_zero_adv_epochs:
+            raise RewardError(
+                f"epochs {epoch - idle + 1}-{epoch}: every advantage was 0 ({idle} epochs in a row: the reward was the "
+                f"same for all {cfg.group_size} samples of every group), so nothing was learnt and the weights did not "
+                f"change. Check the reward and the prompts: does the reward vary between images of one prompt? (OCR "
+                f"scores 0 until a model renders legible text.) --max_zero_adv_epochs 0 never stops"
+            )
     return history
 
 
 def format_line(m: dict) -> str:
     """The fixed-format progress line, one per epoch."""
-    line = (
-        f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.5g} ± {m['reward/std']:.3g}"
-        f" | kl_ref {m.get('policy/kl_ref', 0):.3e} | clipfrac {m.get('policy/clipfrac', 0):.3f}"
-        f" | approx_kl {m.get('policy/approx_kl', 0):.2e} | ratio {m.get('policy/ratio', 1):.4f}"
-    )
+    line = f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.5g} ± {m['reward/std']:.3g}"
+    if m.get("policy/zero_adv_frac") == 1:  # no ratio, KL or clipping was measured: say so instead of printing 0
+        line += " | no update: every advantage is 0 (each group scored all alike)"
+    else:
+        line += (f" | kl_ref {m.get('policy/kl_ref', 0):.3e} | clipfrac {m.get('policy/clipfrac', 0):.3f}"
+                 f" | approx_kl {m.get('policy/approx_kl', 0):.2e} | ratio {m.get('policy/ratio', 1):.4f}")  # fmt: skip
     if "eval/reward_mean" in m:
         line += f" | eval {m['eval/reward_mean']:+.5g}"
     return line + f" | {m['time/epoch_s']:.1f}s"
@@ -1411,9 +1438,16 @@ class SD3Model(FlowModel):
 # --- 11. Checks before the model loads, the command line ---
 # ----------------------------------------------------------------------------------------------------------------
 
+# Rewards that are continuous functions of the pixels: two different images of one prompt score differently unless
+# the reward does not read the image. Not OCR or GenEval: an image without text or objects scores 0, whatever it is.
+GRADED_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "pickscore", "clipscore")
+
+
 def check_reward(reward_fn: Callable, cfg: Config, prompts: list[Prompt]) -> None:
     """Fail before the big model loads: every prompt suits the reward (OCR: each has a target text), and one call
-    on blank images with the first prompts and their metadata loads the reward models and returns valid rewards."""
+    on blank images with the first prompts and their metadata loads the reward models and returns valid rewards.
+    A graded reward is called again on noise images: if it scores them as the blank ones, it does not read the
+    images, so every group would score all alike (every advantage 0): a warning says so."""
     import rewards
 
     if "ocr" in rewards.parse_spec(cfg.reward):
@@ -1424,10 +1458,16 @@ def check_reward(reward_fn: Callable, cfg: Config, prompts: list[Prompt]) -> Non
                 raise ValueError(f"{p.source}: {e}" if p.source else str(e)) from None
     first = prompts[: cfg.batch_size]
     blank = torch.full((len(first), 3, cfg.resolution, cfg.resolution), 0.5)  # (k, 3, H, W) mid-grey
+    texts, meta, noise = [p.text for p in first], [p.metadata for p in first], None
     try:
-        score(reward_fn, blank, [p.text for p in first], [p.metadata for p in first])
+        grey = score(reward_fn, blank, texts, meta)[0]
+        if set(rewards.parse_spec(cfg.reward)) <= set(GRADED_REWARDS):
+            noise = score(reward_fn, torch.rand(blank.shape, generator=torch.Generator().manual_seed(0)), texts, meta)[0]
     except Exception as e:  # a model that cannot load, a missing program, a reward that rejects the metadata
         raise RewardError(f"--reward {cfg.reward} fails on a blank image with the first prompts: {e}") from e
+    if noise is not None and torch.equal(noise, grey):
+        print(f"warning: --reward {cfg.reward} scores mid-grey images and random noise exactly alike: it does not read "
+              f"the images, so every group would score all alike and nothing would be learnt", file=sys.stderr)
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
@@ -1447,6 +1487,13 @@ def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_config(argv)
+    # SIGTERM/SIGINT stop the run at its next safe point with the last finished epoch saved: one line saying what was
+    # saved and how to continue, exit code 128 + the signal's number (runfiles.py)
+    return runfiles.stop_gracefully(lambda: run_command_line(cfg), list(sys.argv[1:] if argv is None else argv))
+
+
+def run_command_line(cfg: Config) -> int:
+    """main() once the command line is parsed: exit 2 for what start-up checks refuse, 1 for a run that fails."""
     import rewards
 
     try:
@@ -1463,8 +1510,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_reward(reward_fn, cfg, prompts + eval_prompts)  # reward models load and answer; prompts suit them
         torch.manual_seed(cfg.seed)  # LoRA init
         model = SD3Model(load_pipeline(cfg.model, dtype), cfg, device, dtype)
-    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError, CheckpointError, RewardError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError, CheckpointError, RewardError, DiskError) as e:
         print(f"error: {e}", file=sys.stderr)
+        runfiles.report_to_launcher(f"error: {e}")
         return 2
 
     if rank == 0:
@@ -1483,16 +1531,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         train(cfg, model, reward_fn, prompts, device, on_eval=on_eval, eval_prompts=eval_prompts)
-    except (RewardError, DivergenceError, FileNotFoundError, CheckpointError) as e:
+    except (RewardError, DivergenceError, FileNotFoundError, CheckpointError, DiskError) as e:
         # under torchrun a non-zero exit of one process makes torchrun stop the others (no rank is left hanging)
         print(f"error (rank {rank}): {e}", file=sys.stderr)
+        runfiles.report_to_launcher(f"error (rank {rank}): {e}")  # torchrun's summary, printed last, shows it
+        return 1
+    except OSError as e:  # writing metrics.jsonl or a grid: a full disk, a folder made read-only meanwhile
+        print(f"error: {runfiles.write_failure(e, cfg.out)}", file=sys.stderr)  # (re-raises any other OSError)
         return 1
     except RuntimeError as e:  # gloo raises "Timed out waiting ..."; NCCL's watchdog ends the process itself
         if world == 1 or "timed out" not in str(e).lower():
             raise
-        print(f"error (rank {rank}): another process did not answer for --dist_timeout_s {cfg.dist_timeout_s:g} s "
-              f"(stopped, crashed or stuck; raise the flag if a step legitimately takes that long): {e}", file=sys.stderr)
-        return 1
+        runfiles.end_stuck_run(  # prints, tells torchrun, ends the silent process at once, exits 1
+            f"error (rank {rank}): another process did not answer for --dist_timeout_s {cfg.dist_timeout_s:g} s "
+            f"(stopped, crashed or stuck; raise the flag if a step legitimately takes that long): {e}", cfg.dist_timeout_s
+        )
     if world > 1:
         import torch.distributed as dist
 

@@ -1,6 +1,7 @@
 """The run's plumbing, beside the method: the files a Flow-GRPO run reads and writes, checked. Prompt sets and the
 held-out split, the lock on the output folder, metrics.jsonl, checkpoints (atomic writes, integrity, what a resumed
-run may change), the evaluation grid.
+run may change, one history per folder, a full disk), stopping on SIGTERM/SIGINT with the last epoch saved, what a
+failing process leaves for torchrun, the evaluation grid.
 
 flow_grpo.py holds every line that changes what is trained; this file holds what keeps a run's files whole and
 honest, and train() calls it in a few lines whose names say what they guarantee. Every error names the file (and
@@ -11,15 +12,22 @@ by the functions that need them).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import shlex
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -127,10 +135,15 @@ def lock_out_folder(out: str) -> None:
     import fcntl
     import socket
 
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DiskError(f"--out {out} is a file, not a folder: choose a folder (it is created if missing)")
     if os.path.realpath(out) in _LOCKS:
         return
-    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:  # a read-only file system, a folder of another user, a parent that is a file
+        raise DiskError(f"--out {out}: cannot write there ({e.strerror}): choose a writable --out") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -146,30 +159,36 @@ def lock_out_folder(out: str) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
 
 
 def claim_metrics(path: str, resumed_epoch: Optional[int], log: Callable[[str], None]) -> None:
     """Make <out>/metrics.jsonl this run's own. A resumed run drops the lines of epochs >= resumed_epoch (logged
-    after the last checkpoint by a run that then crashed; they are about to be redone). A fresh run starts only
+    after the last checkpoint by a run that then crashed; they are about to be redone); where later checkpoints
+    exist, the run starts a branch and they go aside with those lines (set_aside_later_epochs). A fresh run starts only
     where there is no checkpoint, so a file there is the log of a run that crashed before its first checkpoint,
     with nothing to resume: it is moved aside to metrics.<time>.jsonl, never appended to."""
+    if resumed_epoch is not None:
+        set_aside_later_epochs(os.path.dirname(path), resumed_epoch, log)
     if not os.path.exists(path):
         return
     if resumed_epoch is None:
-        aside = path.replace(".jsonl", time.strftime(".%Y%m%d-%H%M%S.jsonl"))
+        stem, ext = os.path.splitext(path)  # the file's own name: a folder above may hold ".jsonl" in its name
+        aside = stem + time.strftime(".%Y%m%d-%H%M%S") + ext
         os.replace(path, aside)
         log(f"moved the metrics of an earlier run in this folder (it saved no checkpoint) to {aside}")
         return
-    kept = []
-    for line in open(path):
-        with contextlib.suppress(ValueError, KeyError):  # a line cut short by a crash mid-write is dropped
-            if json.loads(line)["epoch"] < resumed_epoch:
-                kept.append(line.rstrip("\n") + "\n")
+    # a line cut short by a crash mid-write is dropped
+    kept = [line.rstrip("\n") + "\n" for line in open(path) if (e := _epoch_of(line)) is not None and e < resumed_epoch]
     atomic_write_text(path, "".join(kept))
 
 
@@ -190,6 +209,11 @@ class CheckpointError(RuntimeError):
 
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss, gradient or sample: stop before it reaches the weights."""
+
+
+class DiskError(RuntimeError):
+    """A file of the run cannot be written (a full disk, a read-only or unwritable folder, a file where a folder
+    belongs); the message names the folder and what was kept."""
 
 
 def sha256(path: str) -> str:
@@ -240,9 +264,14 @@ def read_checkpoint(path: str) -> dict:
     return meta
 
 
+def checkpoint_names(root: str) -> list[str]:
+    """The epoch-NNNNNN folder names under `root` (<out>/checkpoints), oldest first."""
+    return sorted(d for d in os.listdir(root) if d.startswith("epoch-")) if os.path.isdir(root) else []
+
+
 def newest_intact_checkpoint(root: str) -> Optional[str]:
     """The newest epoch-* folder under `root` that read_checkpoint accepts, or None."""
-    for name in sorted((d for d in os.listdir(root) if d.startswith("epoch-")) if os.path.isdir(root) else [])[::-1]:
+    for name in checkpoint_names(root)[::-1]:
         with contextlib.suppress(CheckpointError):
             read_checkpoint(os.path.join(root, name))
             return os.path.join(root, name)
@@ -260,18 +289,22 @@ def newest_intact_checkpoint(root: str) -> Optional[str]:
 #                                 SHA-256 of every other file (a damaged file is named before anything loads)
 # <out>/checkpoints/latest   the name of the newest complete checkpoint
 # <out>/.lock                locked (flock) by the run writing into <out>
+# <out>/abandoned-<time>/    what a resume from an older checkpoint set aside (set_aside_later_epochs)
+# What the numbers count: checkpoint epoch-N holds the state after N finished epochs (a resume runs epoch index N
+# next); metrics.jsonl's "epoch", the progress line and eval-epoch-NNNNNN.png count from 0 (the epoch's index), so
+# eval-epoch-000009.png and the line of epoch 9 show the weights saved as epoch-000010.
 # A checkpoint is written into a temporary folder and renamed into place, and `latest` is replaced atomically,
 # so a crash mid-save leaves the previous checkpoint and pointer untouched. The last KEEP checkpoints are kept.
 
 KEEP_CHECKPOINTS = 2
-# What a resumed run may change: how the optimiser steps, how long the run goes, what it saves and where things
-# live. Any other difference from the checkpoint's config (model, LoRA shape, group size, batch plan, sampler,
+# What a resumed run may change: how the optimiser steps, how long the run goes, what it saves, where things
+# live and how they run (--compile: the same computation, compiled). Any other difference from the checkpoint's config (model, LoRA shape, group size, batch plan, sampler,
 # noise level, seed, reward, prompts, evaluation set, ...) would continue a different experiment under the old
 # one's name, so --resume refuses it and lists the differences.
 CHANGEABLE_ON_RESUME = (
     "lr", "adam_beta1", "adam_beta2", "weight_decay", "adam_eps", "max_grad_norm",
     "epochs", "eval_every", "save_every", "gradient_checkpointing", "text_encoders_on_cpu", "reward_models",
-    "dist_timeout_s", "report_to",
+    "dist_timeout_s", "report_to", "compile", "max_zero_adv_epochs",
 )  # fmt: skip
 
 
@@ -280,6 +313,42 @@ def latest_checkpoint(out: str) -> Optional[str]:
     if not os.path.exists(pointer):
         return None
     return os.path.join(out, "checkpoints", open(pointer).read().strip())
+
+
+def set_aside_later_epochs(out: str, epoch: int, log: Callable[[str], None]) -> Optional[str]:
+    """One history per folder. Resuming from checkpoint epoch-N while later checkpoints exist starts a branch: the
+    abandoned branch's later checkpoints, its metrics.jsonl lines and its evaluation grids of epochs >= N are
+    moved (never deleted) into <out>/abandoned-<time>/, and `latest` names epoch-N again, so pruning keeps the
+    branch point until newer checkpoints of this branch exist. Returns that folder, or None (nothing is later)."""
+    root = os.path.join(out, "checkpoints")
+    later = [d for d in checkpoint_names(root) if int(d.split("-")[1]) > epoch]
+    if not later:
+        return None
+    aside = os.path.join(out, time.strftime("abandoned-%Y%m%d-%H%M%S"))
+    os.makedirs(os.path.join(aside, "checkpoints"))
+    for name in later:
+        os.replace(os.path.join(root, name), os.path.join(aside, "checkpoints", name))
+    for name in os.listdir(out):  # eval-epoch-NNNNNN.png: NNNNNN is the epoch's index (the grid after it)
+        if name.startswith("eval-epoch-") and name[11:17].isdigit() and int(name[11:17]) >= epoch:
+            os.replace(os.path.join(out, name), os.path.join(aside, name))
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(metrics):
+        early, late = [], []
+        for line in open(metrics):
+            (early if (e := _epoch_of(line)) is not None and e < epoch else late).append(line)
+        atomic_write_text(os.path.join(aside, "metrics.jsonl"), "".join(late))
+        atomic_write_text(metrics, "".join(early))
+    atomic_write_text(os.path.join(root, "latest"), f"epoch-{epoch:06d}")
+    log(f"resuming from epoch-{epoch:06d} starts a new branch: the abandoned one's later checkpoints "
+        f"({', '.join(later)}), metrics lines and evaluation grids were moved to {aside}")
+    return aside
+
+
+def _epoch_of(line: str) -> Optional[int]:
+    """The "epoch" of a metrics.jsonl line, or None for a line cut short by a crash mid-write."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return int(json.loads(line)["epoch"])
+    return None
 
 
 def compare_to_checkpoint(saved: dict, cfg) -> tuple[list[str], list[str]]:
@@ -299,7 +368,7 @@ def check_out_folder(cfg) -> Optional[tuple[str, dict]]:
     trainer_state) once the checkpoint is checked whole and its settings agree with cfg; a damaged file or a
     `latest` that points nowhere is named with the newest intact checkpoint and how to resume from it."""
     root = os.path.join(cfg.out, "checkpoints")
-    names = sorted(d for d in os.listdir(root) if d.startswith("epoch-")) if os.path.isdir(root) else []
+    names = checkpoint_names(root)
     if not cfg.resume:
         if names:
             raise FileExistsError(
@@ -365,15 +434,8 @@ def save_checkpoint(out: str, epoch: int, step: int, model, optimizer, ema, cfg)
         raise DivergenceError(f"epoch {epoch}: the weights hold NaN/inf; checkpoint not written")
 
     root = os.path.join(out, "checkpoints")
-    os.makedirs(root, exist_ok=True)
     name = f"epoch-{epoch:06d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-    os.makedirs(tmp)
-    model.save_weights(os.path.join(tmp, "lora"))
-    if ema is not None:
-        with ema.swapped_in():
-            model.save_weights(os.path.join(tmp, "ema"))
     opt = optimizer.state_dict()
     tensors = {}
     for i, st in opt["state"].items():
@@ -382,16 +444,57 @@ def save_checkpoint(out: str, epoch: int, step: int, model, optimizer, ema, cfg)
     if ema is not None:
         for i, s in enumerate(ema.shadow):
             tensors[f"ema.{i}"] = s.cpu().contiguous()
-    save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
-    files = file_manifest(tmp)  # sizes and SHA-256 (each file fsync-ed): a damaged file is named on --resume
-    meta = {"epoch": epoch, "step": step, "param_groups": opt["param_groups"], "config": dataclasses.asdict(cfg), "files": files}
-    atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    atomic_write_text(os.path.join(root, "latest"), name)
-    for old in sorted(d for d in os.listdir(root) if d.startswith("epoch-"))[:-KEEP_CHECKPOINTS]:
+    try:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        os.makedirs(tmp)
+        model.save_weights(os.path.join(tmp, "lora"))
+        if ema is not None:
+            with ema.swapped_in():
+                model.save_weights(os.path.join(tmp, "ema"))
+        save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
+        files = file_manifest(tmp)  # sizes and SHA-256 (each file fsync-ed): a damaged file is named on --resume
+        meta = {"epoch": epoch, "step": step, "param_groups": opt["param_groups"], "config": dataclasses.asdict(cfg), "files": files}
+        atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(root, "latest"), name)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint is never left behind
+        code = write_errno(e)
+        if code is None:
+            raise
+        size = sum(t.numel() * t.element_size() for t in list(tensors.values()) + weights)  # ≈ the files' sizes
+        previous = latest_checkpoint(out)
+        kept = (f"the previous checkpoint {previous} is intact" if previous and os.path.isdir(previous)
+                else "no earlier checkpoint exists")  # fmt: skip
+        free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
+        raise DiskError(
+            f"cannot write checkpoint {final} ({os.strerror(code)}): it needs about {size / 1e6:.1f} MB, "
+            f"{free / 1e6:.1f} MB are free there; {kept}. Free space (or move --out), then continue with --resume"
+        ) from None
+    for old in checkpoint_names(root)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(os.path.join(root, old))
     return final
+
+
+def write_failure(e: OSError, out: str) -> str:
+    """The message for a write that failed mid-run (metrics.jsonl, a grid); re-raises any other OSError."""
+    if write_errno(e) is None:
+        raise e
+    latest = latest_checkpoint(out)
+    return (f"cannot write {e.filename or out} ({e.strerror}); the last checkpoint, {latest or 'none yet'}, is intact: "
+            f"make room (or make the folder writable), then continue with --resume")  # fmt: skip
+
+
+def write_errno(e: BaseException) -> Optional[int]:
+    """The errno of a failed write (ENOSPC, EDQUOT, EROFS, EACCES, EIO), else None: an OSError's own, or the
+    "(os error N)" that safetensors' writer (Rust) puts in its message."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        code = int(found.group(1)) if found else None
+    return code if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO) else None
 
 
 def load_checkpoint(checkpoint: tuple[str, dict], model, optimizer, ema, cfg) -> tuple[int, int]:
@@ -420,6 +523,188 @@ def load_checkpoint(checkpoint: tuple[str, dict], model, optimizer, ema, cfg) ->
         for i, s in enumerate(ema.shadow):
             s.copy_(tensors[f"ema.{i}"])
     return meta["epoch"], meta["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stopping on SIGTERM / SIGINT: at the next safe point, with the last finished epoch saved
+# ----------------------------------------------------------------------------------------------------------------
+# A cluster scheduler sends SIGTERM before it preempts a job (Slurm and Kubernetes then wait ~30 s before SIGKILL;
+# torchrun passes it on to every worker and SIGKILLs them 30 s later); Ctrl-C sends SIGINT. Inside train() the
+# handler only records the signal. The loops call stop_point() before every batch (sampling, training,
+# evaluation): there the epoch in progress is dropped (what its optimiser steps changed is put back from a copy
+# taken when it began: LoRA, AdamW moments, EMA), the last finished epoch is saved as a checkpoint unless it is one
+# already, and StopRequested carries that to main(), which prints one line and exits with 128 + the signal's number.
+# Under torchrun the processes agree at every stop point (an all-reduce of the flag), so all stop at the same batch,
+# whichever of them got the signal. Before train() has begun there is nothing to save: the signal stops at once.
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT stopped the run; `checkpoint` holds its last finished epoch (None: nothing was saved).
+    A BaseException, like KeyboardInterrupt: an `except Exception` on the way (a reward check) must not swallow it."""
+
+    def __init__(self, signum: int, checkpoint: Optional[str] = None, epoch: Optional[int] = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.checkpoint, self.epoch = signum, checkpoint, epoch
+
+
+_STOP: dict[str, Any] = {"signal": 0, "armed": False, "run": None}  # process-wide, like the signal handlers
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT stop the run gracefully (see above) while this is active; main thread only."""
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and _STOP["signal"] == signal.SIGINT:  # Ctrl-C twice: now, without saving
+            print("second Ctrl-C: stopped at once; the last checkpoint is untouched", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        _STOP["signal"] = _STOP["signal"] or signum
+        if _STOP["run"] is None:  # not training yet: nothing to save, stop where we are
+            raise StopRequested(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    _STOP.update(signal=0, armed=True, run=None)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _STOP.update(signal=0, armed=False, run=None)
+
+
+class EpochUndo:
+    """What a stop puts back and saves: the state when the epoch in progress began. train() makes one, and calls
+    begin(epoch, step) at the start of every epoch; the copy is taken only while stop_on_signals is active."""
+
+    def __init__(self, cfg, model, optimizer, ema, rank: int, device):
+        self.cfg, self.model, self.optimizer, self.ema, self.rank, self.device = cfg, model, optimizer, ema, rank, device
+        if _STOP["armed"]:
+            _STOP["run"] = self  # from here on a signal waits for the next stop point
+
+    def begin(self, epoch: int, step: int) -> None:
+        if not _STOP["armed"]:
+            return
+        # a copy on the device (SD3.5-M: ~300 MB, LoRA + AdamW moments + EMA; a copy of that takes milliseconds)
+        self.epoch, self.step = epoch, step
+        self.weights = [p.detach().clone() for p in self.model.trainable_parameters()]
+        opt = self.optimizer.state_dict()
+        self.opt = {"state": {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for i, st in opt["state"].items()},
+                    "param_groups": copy.deepcopy(opt["param_groups"])}  # fmt: skip
+        self.shadow = [s.clone() for s in self.ema.shadow] if self.ema is not None else []
+
+    def stop(self, signum: int) -> StopRequested:
+        with torch.no_grad():
+            for p, w in zip(self.model.trainable_parameters(), self.weights):
+                p.copy_(w)
+            for s, c in zip(self.ema.shadow if self.ema is not None else [], self.shadow):
+                s.copy_(c)
+        self.optimizer.load_state_dict(self.opt)
+        self.optimizer.zero_grad(set_to_none=True)
+        path = os.path.join(self.cfg.out, "checkpoints", f"epoch-{self.epoch:06d}")
+        if self.rank == 0 and latest_checkpoint(self.cfg.out) != path:
+            save_checkpoint(self.cfg.out, self.epoch, self.step, self.model, self.optimizer, self.ema, self.cfg)
+        if torch.distributed.is_initialized():  # nobody exits (and makes torchrun stop the others) before it is saved
+            torch.distributed.barrier()
+        return StopRequested(signum, path, self.epoch)
+
+
+def stop_point() -> None:
+    """Raise StopRequested, with the last finished epoch saved, if SIGTERM/SIGINT arrived (on any process)."""
+    if not _STOP["armed"]:
+        return
+    signum = _STOP["signal"]
+    run = _STOP["run"]
+    if run is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([signum], device=run.device if torch.device(run.device).type == "cuda" else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item())
+    if signum:
+        raise run.stop(signum) if run is not None else StopRequested(signum)
+
+
+def resume_command(argv: list[str], world: int) -> str:
+    """The command line that continues this run from its latest checkpoint: argv with --resume in place of any
+    --resume [PATH] (under torchrun: its launcher options are not known here, only the number of processes)."""
+    args, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        elif not a.startswith("--resume="):
+            args.append(a)
+    launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
+    return f"{launcher} {shlex.join(['flow_grpo.py', *args, '--resume'])}"
+
+
+def stop_gracefully(run: Callable[[], int], argv: list[str]) -> int:
+    """run() (the command line) with SIGTERM/SIGINT stopping it at a stop point: one line saying what was saved and
+    the command that continues, and the exit code 128 + the signal's number, conventional for a death by signal."""
+    with stop_on_signals():
+        try:
+            return run()
+        except StopRequested as stop:
+            dist = torch.distributed
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            line = (f"stopped by {stop}" + (f" in epoch {stop.epoch}: saved {stop.checkpoint} ({stop.epoch} finished epochs; the "
+                    f"one in progress is redone); continue with: {resume_command(argv, world)}" if stop.checkpoint
+                    else " before training began: nothing to save"))  # fmt: skip
+            if rank == 0:
+                print(line, file=sys.stderr)
+                report_to_launcher(line)
+            return 128 + stop.signum
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun: what a failing process leaves for the launcher
+# ----------------------------------------------------------------------------------------------------------------
+# When a worker fails, torchrun prints its own summary last ("Root Cause (first observed failure)"), showing the
+# failing worker's TORCHELASTIC_ERROR_FILE if it wrote one, else "To enable traceback see: ...". It then stops the
+# other workers: SIGTERM, and SIGKILL only 30 s later (torch/distributed/elastic/multiprocessing/api.py, _close),
+# which a stuck or stopped (SIGSTOP) worker waits out.
+
+
+def report_to_launcher(message: str, since_s: float = 0.0) -> None:
+    """Under torchrun: put `message` where its summary reads the cause of a failure. The summary names the worker
+    whose failure has the earliest timestamp; since_s dates ours back to when the failure began (a peer that went
+    silent since_s ago), ahead of the workers ended because of it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError), open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time() - since_s)}, f)
+
+
+def end_stuck_run(message: str, timeout_s: float) -> None:
+    """A peer stopped answering: print `message`, leave it for torchrun's summary, end the silent peer (it would
+    ignore torchrun's SIGTERM and keep the run alive 30 s more) and exit 1 at once (os._exit: the clean-up of a
+    process group that lost a member can hang)."""
+    print(message, file=sys.stderr, flush=True)
+    report_to_launcher(message, since_s=timeout_s)
+    kill_local_peers()
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def kill_local_peers() -> int:
+    """Under torchrun: SIGKILL the other workers of this run on this machine (the children of the same torchrun
+    agent, with its TORCHELASTIC_RUN_ID), for a worker that stopped answering: SIGTERM would not end a stuck or
+    stopped one, and torchrun would wait 30 s for it. Returns how many were ended."""
+    run_id, parent, n = os.environ.get("TORCHELASTIC_RUN_ID"), os.getppid(), 0
+    if run_id is None or not os.path.isdir("/proc"):
+        return 0
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != os.getpid()):
+        try:
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ..."
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            if ppid == parent and f"TORCHELASTIC_RUN_ID={run_id}".encode() in env:
+                os.kill(pid, signal.SIGKILL)
+                n += 1
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or another user's process
+            continue
+    return n
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 
 MODE: "toy", "fast" (the toy with a Fast window of 1 step, drawn per batch) or "tiny" (train a few epochs, then write this rank's epoch-0 advantages and its weights before and
 after training into OUT), "fail" (rank 1's reward returns NaN: the whole run must stop with that error instead of
-hanging), "hang" (the command line with --dist_timeout_s 10, and rank 1's reward never returns: rank 0 must end
-the run with the timeout message).
+hanging), "hang" and "stop" (the command line with --dist_timeout_s 10, and rank 1's reward never returns, or
+rank 1 is stopped: rank 0 must end the run with the timeout message), "sigterm" (rank 1 alone gets SIGTERM: both
+stop at the same batch, the last finished epoch saved).
 Rank 0 trains into OUT/run; every other rank is given OUT/run-rank<r>, which must stay absent (only rank 0 writes).
 Every mode runs on the CPU with gloo, also where GPUs exist (the tests compare CPU runs).
 """
@@ -56,8 +57,11 @@ def build(mode: str, out: str):
     return cfg, model, rewards.build_reward(cfg.reward), [fg.Prompt(p) for p in ["a red cube", "two cats", "a tree", "sea"]], "cpu"
 
 
-def hang(out: str) -> int:
-    """The command line under torchrun, with rank 1's reward stuck forever (a rank that stops answering)."""
+def hang(out: str, mode: str = "hang") -> int:
+    """The command line under torchrun, with rank 1's reward stuck forever (a rank that stops answering): "hang"
+    sleeps in it, "stop" stops the process (SIGSTOP, as a debugger or a frozen node would), "sigterm" sends it
+    SIGTERM once, while epoch 1 samples (a preemption reaching one process)."""
+    import signal
     import time
 
     import rewards
@@ -67,26 +71,30 @@ def hang(out: str) -> int:
     def stuck_on_rank_1(*args, **kwargs):
         good, calls = build_reward(*args, **kwargs), []
 
-        def reward(*a):  # the start-up check (call 1) passes; then rank 1 stops answering while sampling
+        def reward(*a):  # the start-up check (calls 1-2) passes; then rank 1 stops answering while sampling
             calls.append(1)
-            if fg.dist_rank_world()[0] == 1 and len(calls) > 1:
-                time.sleep(3600)
+            if fg.dist_rank_world()[0] == 1 and len(calls) == (5 if mode == "sigterm" else 3):
+                if mode == "hang":
+                    time.sleep(3600)
+                os.kill(os.getpid(), signal.SIGTERM if mode == "sigterm" else signal.SIGSTOP)
             return good(*a)
 
         return reward
 
     rewards.build_reward = stuck_on_rank_1
-    return fg.main(["--model", "tiny-random", "--reward", "jpeg_compressibility", "--out", out, "--cpu",
-                    "--dist_timeout_s", "10", "--group_size", "4", "--groups_per_epoch", "2", "--batch_size", "4",
-                    "--optimizer_steps_per_epoch", "1", "--epochs", "1"])  # fmt: skip
+    epochs = ["--epochs", "2", "--groups_per_epoch", "4", "--optimizer_steps_per_epoch", "2"] if mode == "sigterm" else [
+        "--epochs", "1", "--groups_per_epoch", "2", "--optimizer_steps_per_epoch", "1"]  # fmt: skip
+    return fg.main(["--model", "tiny-random", "--reward", "jpeg_compressibility", "--out", out, "--cpu", "--num_steps", "4",
+                    "--dist_timeout_s", "10", "--group_size", "4", "--batch_size", "4", "--eval_every", "0",
+                    "--save_every", "0", *epochs])  # fmt: skip
 
 
 def main(mode: str, out: str) -> None:
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    if mode == "hang":
-        sys.exit(hang(os.path.join(out, "run")))
+    if mode in ("hang", "stop", "sigterm"):
+        sys.exit(hang(os.path.join(out, "run"), mode))
     fg.init_distributed(cpu=True)
     rank, world = fg.dist_rank_world()
     run_dir = os.path.join(out, "run" if rank == 0 else f"run-rank{rank}")

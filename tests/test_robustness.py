@@ -250,7 +250,7 @@ def test_hub_probe_sees_an_open_port_and_a_closed_one(monkeypatch):
     rewards._hub_reachable.cache_clear()
 
 
-def test_the_reward_is_called_once_on_blank_images_with_the_first_prompts(tmp_path):
+def test_the_reward_is_called_on_blank_images_with_the_first_prompts(tmp_path):
     cfg = tiny_cfg(tmp_path, batch_size=4)
     prompts = [fg.Prompt(f"prompt {i}", {"i": i}) for i in range(6)]
     calls = []
@@ -260,9 +260,11 @@ def test_the_reward_is_called_once_on_blank_images_with_the_first_prompts(tmp_pa
         return torch.zeros(len(texts))
 
     fg.check_reward(reward, cfg, prompts)
-    [(images, texts, meta)] = calls
+    # a graded reward (jpeg_compressibility) is called a second time, on noise (test_reliability.py: the warning)
+    [(images, texts, meta), (noise, *again)] = calls
     assert images.shape == (4, 3, cfg.resolution, cfg.resolution) and bool((images == 0.5).all())
     assert texts == [f"prompt {i}" for i in range(4)] and meta == [{"i": i} for i in range(4)]
+    assert noise.shape == images.shape and not bool((noise == 0.5).any()) and again == [texts, meta]
 
     def needs_a_key(images, texts, meta):
         return torch.tensor([float(m["count"]) for m in meta])

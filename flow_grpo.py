@@ -29,7 +29,7 @@ Reading order (each section is a numbered banner below):
     8. Many processes (torchrun): who samples what, how rewards are shared
     9. The training loop, shared by the toy and SD3.5-M
    10. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
-   11. Checks before the model loads, the command line
+   11. The command line: checks before the model loads, then train
 
 Beside it, runfiles.py holds the run's plumbing, which changes nothing that is trained: prompt files and the held-out
 split, the lock on --out, metrics.jsonl, checkpoints (atomic, checked whole) and what a resumed run may change;
@@ -81,6 +81,7 @@ from runfiles import (
     CheckpointError, DiskError, DivergenceError, EpochUndo, Prompt, append_metrics, claim_metrics, eval_prompt_set,
     load_prompts, open_run, resume_run, save_checkpoint, save_grid, stop_point,
 )  # fmt: skip
+from recipes import check_flags
 from rewards import RewardError, score  # score(): a reward's values, checked (NaN, shape) before anything trains
 from watch import RunWatch, check_report_to  # the curves picture and the optional trackers (standard library)
 
@@ -576,30 +577,7 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
     """Derive and check every batch size for `world_size` processes (default: the current process group).
     Raises ValueError saying which numbers do not fit and how to fix them."""
     world = dist_rank_world()[1] if world_size is None else world_size
-    if cfg.group_size < 2:
-        raise ValueError(f"--group_size must be >= 2: GRPO compares samples within a group (got {cfg.group_size})")
-    def need(ok: bool, name: str, rule: str) -> None:
-        if not ok:
-            raise ValueError(f"--{name} must be {rule}, got {getattr(cfg, name)}")
-
-    for f in dataclasses.fields(cfg):  # a NaN flag would pass every comparison below (they are all False)
-        value = getattr(cfg, f.name)
-        need(not isinstance(value, float) or math.isfinite(value), f.name, "a finite number")
-    for name in ("groups_per_epoch", "batch_size", "optimizer_steps_per_epoch", "inner_epochs", "num_steps", "epochs",
-                 "eval_num_steps", "resolution", "lora_rank", "ema_every", "max_sequence_length"):  # fmt: skip
-        need(getattr(cfg, name) >= 1, name, ">= 1")
-    for name in ("eval_every", "save_every", "eval_count", "fast_window", "lr", "weight_decay", "max_zero_adv_epochs"):
-        need(getattr(cfg, name) >= 0, name, ">= 0")
-    for name in ("clip_range", "adv_clip", "max_grad_norm", "lora_alpha", "adam_eps"):
-        need(getattr(cfg, name) > 0, name, "> 0")
-    for name in ("ema_decay", "adam_beta1", "adam_beta2"):
-        need(0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
-    need(cfg.beta is None or cfg.beta >= 0, "beta", ">= 0")
-    # random.Random(seed) draws the prompts and seeds by |seed| (so -1 would repeat 1's prompts with other noise)
-    need(0 <= cfg.seed < 2**32, "seed", "in [0, 2^32)")
-    # v = v_u + w·(v_c − v_u): w = 1 is the conditional model alone (no CFG); below 1 the prompt is weakened, 0 drops it
-    need(cfg.guidance_scale >= 1, "guidance_scale", ">= 1 (1: no CFG, the prompt alone; 0 would ignore the prompt)")
-    need(0 < cfg.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]: the fraction of --num_steps trained (0.99: 9 of 10)")
+    check_flags(cfg)  # every number in its range, every choice one of its values (recipes.py)
     if cfg.noise_level <= 0:
         raise ValueError(f"--noise_level must be > 0 to train (a = 0 is the deterministic ODE), got {cfg.noise_level}")
     if cfg.sde_type == "sde" and cfg.noise_level >= math.sqrt(2):
@@ -642,18 +620,12 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
             raise ValueError(
                 f"--timestep_fraction {cfg.timestep_fraction} of {cfg.num_steps} steps trains {n_train} steps; need >= 1"
             )
-    if cfg.sde_type not in ("sde", "cps"):
-        raise ValueError(f"--sde_type must be 'sde' or 'cps', got {cfg.sde_type!r}")
     if cfg.sde_type == "cps" and (cfg.noise_level > 1 or (n_train > cfg.num_steps - 1 and not cfg.fast_window)):
         # CPS's last step (t' = 0) has std 0: no density to train on
         raise ValueError(
             f"CPS needs --noise_level <= 1 (got {cfg.noise_level}) and must not train the last step: "
             f"--timestep_fraction {cfg.timestep_fraction} trains {n_train} of {cfg.num_steps}; use 0.99"
         )
-    if cfg.mixed_precision not in ("bf16", "fp16", "no"):
-        raise ValueError(f"--mixed_precision must be bf16, fp16 or no, got {cfg.mixed_precision!r}")
-    if cfg.log_prob_reduce not in ("mean", "sum"):
-        raise ValueError(f"--log_prob_reduce must be mean or sum, got {cfg.log_prob_reduce!r}")
     if cfg.kl not in KL_FORMS:
         raise ValueError(f"--kl must be one of {', '.join(KL_FORMS)}, got {cfg.kl!r}")
     ref_factor = 2 if cfg.resolved_beta() > 0 else 1  # the reference forward for the KL
@@ -735,32 +707,6 @@ def dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def init_distributed(cpu: bool = False, timeout_s: float = 600.0) -> Optional[torch.device]:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); returns this process's
-    device, or None when running alone. One GPU per process (NCCL), or every process on the CPU (gloo) when there
-    is no GPU or `cpu` is set. A collective that waits longer than `timeout_s` for a rank raises instead of hanging."""
-    import datetime
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if torch.cuda.is_available() and not cpu:
-        procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])), torch.cuda.device_count()
-        if procs > gpus:  # checked before touching a device: `cuda:<rank>` would fail with "invalid device ordinal"
-            raise ValueError(
-                f"torchrun started {procs} processes on this machine but it has {gpus} visible GPU(s): run "
-                f"torchrun --nproc_per_node {gpus} (one process per GPU), or add --cpu to run every process on the CPU"
-            )
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", timeout=timeout)
-        return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo", timeout=timeout)
-    return torch.device("cpu")
 
 
 def gather_by_id(values: Tensor, ids: Tensor, n: int, device) -> Tensor:
@@ -1435,40 +1381,8 @@ class SD3Model(FlowModel):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --- 11. Checks before the model loads, the command line ---
+# --- 11. The command line: checks before the model loads, then train ---
 # ----------------------------------------------------------------------------------------------------------------
-
-# Rewards that are continuous functions of the pixels: two different images of one prompt score differently unless
-# the reward does not read the image. Not OCR or GenEval: an image without text or objects scores 0, whatever it is.
-GRADED_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "pickscore", "clipscore")
-
-
-def check_reward(reward_fn: Callable, cfg: Config, prompts: list[Prompt]) -> None:
-    """Fail before the big model loads: every prompt suits the reward (OCR: each has a target text), and one call
-    on blank images with the first prompts and their metadata loads the reward models and returns valid rewards.
-    A graded reward is called again on noise images: if it scores them as the blank ones, it does not read the
-    images, so every group would score all alike (every advantage 0): a warning says so."""
-    import rewards
-
-    if "ocr" in rewards.parse_spec(cfg.reward):
-        for p in prompts:
-            try:
-                rewards.ocr_target(p.text, p.metadata)
-            except ValueError as e:
-                raise ValueError(f"{p.source}: {e}" if p.source else str(e)) from None
-    first = prompts[: cfg.batch_size]
-    blank = torch.full((len(first), 3, cfg.resolution, cfg.resolution), 0.5)  # (k, 3, H, W) mid-grey
-    texts, meta, noise = [p.text for p in first], [p.metadata for p in first], None
-    try:
-        grey = score(reward_fn, blank, texts, meta)[0]
-        if set(rewards.parse_spec(cfg.reward)) <= set(GRADED_REWARDS):
-            noise = score(reward_fn, torch.rand(blank.shape, generator=torch.Generator().manual_seed(0)), texts, meta)[0]
-    except Exception as e:  # a model that cannot load, a missing program, a reward that rejects the metadata
-        raise RewardError(f"--reward {cfg.reward} fails on a blank image with the first prompts: {e}") from e
-    if noise is not None and torch.equal(noise, grey):
-        print(f"warning: --reward {cfg.reward} scores mid-grey images and random noise exactly alike: it does not read "
-              f"the images, so every group would score all alike and nothing would be learnt", file=sys.stderr)
-
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     """The command line, generated from Config: every field is a flag with its default and comment; --model
@@ -1497,7 +1411,7 @@ def run_command_line(cfg: Config) -> int:
     import rewards
 
     try:
-        dist_device = init_distributed(cfg.cpu, cfg.dist_timeout_s)  # None unless torchrun started several processes
+        dist_device = runfiles.init_distributed(cfg.cpu, cfg.dist_timeout_s)  # None unless torchrun started several processes
         rank, world = dist_rank_world()
         # everything that can be checked is checked before the gigabytes of SD3.5-M load
         plan_batches(cfg, world)  # every number, and the batch arithmetic
@@ -1507,7 +1421,7 @@ def run_command_line(cfg: Config) -> int:
         device, dtype = pick_device(cfg)
         device = dist_device or device
         reward_fn = rewards.build_reward(cfg.reward, device=device, **rewards.parse_model_options(cfg.reward_models))
-        check_reward(reward_fn, cfg, prompts + eval_prompts)  # reward models load and answer; prompts suit them
+        rewards.check_reward(reward_fn, cfg, prompts + eval_prompts)  # reward models load and answer; prompts suit them
         torch.manual_seed(cfg.seed)  # LoRA init
         model = SD3Model(load_pipeline(cfg.model, dtype), cfg, device, dtype)
     except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError, CheckpointError, RewardError, DiskError) as e:

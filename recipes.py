@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 
@@ -165,3 +166,39 @@ def _field_comments(config: type) -> dict[str, str]:
             name = line.split(":")[0].strip()
             out[name] = line.split("#", 1)[1].strip().replace("%", "%%")
     return out
+
+
+def check_flags(cfg) -> None:
+    """Every flag of a Config in its range and every choice one of its values: a ValueError naming the flag and the
+    rule. What the numbers mean together (batch arithmetic, the sampler's limits) flow_grpo.plan_batches checks."""
+    if cfg.group_size < 2:
+        raise ValueError(f"--group_size must be >= 2: GRPO compares samples within a group (got {cfg.group_size})")
+
+    def need(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"--{name} must be {rule}, got {getattr(cfg, name)}")
+
+    for f in dataclasses.fields(cfg):  # a NaN flag would pass every comparison below (they are all False)
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f.name, "a finite number")
+    for name in ("groups_per_epoch", "batch_size", "optimizer_steps_per_epoch", "inner_epochs", "num_steps", "epochs",
+                 "eval_num_steps", "resolution", "lora_rank", "ema_every", "max_sequence_length"):  # fmt: skip
+        need(getattr(cfg, name) >= 1, name, ">= 1")
+    for name in ("eval_every", "save_every", "eval_count", "fast_window", "lr", "weight_decay", "max_zero_adv_epochs"):
+        need(getattr(cfg, name) >= 0, name, ">= 0")
+    for name in ("clip_range", "adv_clip", "max_grad_norm", "lora_alpha", "adam_eps"):
+        need(getattr(cfg, name) > 0, name, "> 0")
+    for name in ("ema_decay", "adam_beta1", "adam_beta2"):
+        need(0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
+    need(cfg.beta is None or cfg.beta >= 0, "beta", ">= 0")
+    # random.Random(seed) draws the prompts and seeds by |seed| (so -1 would repeat 1's prompts with other noise)
+    need(0 <= cfg.seed < 2**32, "seed", "in [0, 2^32)")
+    # v = v_u + w·(v_c − v_u): w = 1 is the conditional model alone (no CFG); below 1 the prompt is weakened, 0 drops it
+    need(cfg.guidance_scale >= 1, "guidance_scale", ">= 1 (1: no CFG, the prompt alone; 0 would ignore the prompt)")
+    need(0 < cfg.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]: the fraction of --num_steps trained (0.99: 9 of 10)")
+    if cfg.sde_type not in ("sde", "cps"):
+        raise ValueError(f"--sde_type must be 'sde' or 'cps', got {cfg.sde_type!r}")
+    if cfg.mixed_precision not in ("bf16", "fp16", "no"):
+        raise ValueError(f"--mixed_precision must be bf16, fp16 or no, got {cfg.mixed_precision!r}")
+    if cfg.log_prob_reduce not in ("mean", "sum"):
+        raise ValueError(f"--log_prob_reduce must be mean or sum, got {cfg.log_prob_reduce!r}")

@@ -71,6 +71,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -109,6 +110,7 @@ __all__ = [
     "parse_spec",
     "pickscore",
     "score",
+    "check_reward",
     "relative_position",
     "select_detections",
     "to_pil",
@@ -1196,3 +1198,34 @@ def score(reward_fn: Callable, images: torch.Tensor, texts: list[str], meta: lis
         elif several:
             logged[k] = check_rewards(v, n, f"reward '{k}'")
     return check_rewards(reward_fn.combine(parts), n), logged
+
+
+# Rewards that are continuous functions of the pixels: two different images of one prompt score differently unless
+# the reward does not read the image. Not OCR or GenEval: an image without text or objects scores 0, whatever it is.
+GRADED_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "pickscore", "clipscore")
+
+
+def check_reward(reward_fn: Callable, cfg, prompts: list) -> None:
+    """The trainer's start-up check (cfg: flow_grpo.Config), before the big model loads: every prompt suits the
+    reward (OCR: each has a target text), and one call on blank images with the first prompts and their metadata
+    loads the reward models and returns valid rewards.
+    A graded reward is called again on noise images: if it scores them as the blank ones, it does not read the
+    images, so every group would score all alike (every advantage 0): a warning says so."""
+    if "ocr" in parse_spec(cfg.reward):
+        for p in prompts:
+            try:
+                ocr_target(p.text, p.metadata)
+            except ValueError as e:
+                raise ValueError(f"{p.source}: {e}" if p.source else str(e)) from None
+    first = prompts[: cfg.batch_size]
+    blank = torch.full((len(first), 3, cfg.resolution, cfg.resolution), 0.5)  # (k, 3, H, W) mid-grey
+    texts, meta, noise = [p.text for p in first], [p.metadata for p in first], None
+    try:
+        grey = score(reward_fn, blank, texts, meta)[0]
+        if set(parse_spec(cfg.reward)) <= set(GRADED_REWARDS):
+            noise = score(reward_fn, torch.rand(blank.shape, generator=torch.Generator().manual_seed(0)), texts, meta)[0]
+    except Exception as e:  # a model that cannot load, a missing program, a reward that rejects the metadata
+        raise RewardError(f"--reward {cfg.reward} fails on a blank image with the first prompts: {e}") from e
+    if noise is not None and torch.equal(noise, grey):
+        print(f"warning: --reward {cfg.reward} scores mid-grey images and random noise exactly alike: it does not read "
+              f"the images, so every group would score all alike and nothing would be learnt", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The run's plumbing, beside the method: the files a Flow-GRPO run reads and writes, checked. Prompt sets and the
 held-out split, the lock on the output folder, metrics.jsonl, checkpoints (atomic writes, integrity, what a resumed
-run may change, one history per folder, a full disk), stopping on SIGTERM/SIGINT with the last epoch saved, what a
-failing process leaves for torchrun, the evaluation grid.
+run may change, one history per folder, a full disk), stopping on SIGTERM/SIGINT with the last epoch saved, joining
+torchrun's process group and what a failing process leaves for it, the evaluation grid.
 
 flow_grpo.py holds every line that changes what is trained; this file holds what keeps a run's files whole and
 honest, and train() calls it in a few lines whose names say what they guarantee. Every error names the file (and
@@ -276,6 +276,37 @@ def newest_intact_checkpoint(root: str) -> Optional[str]:
             read_checkpoint(os.path.join(root, name))
             return os.path.join(root, name)
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Joining torchrun's process group: one GPU per process, checked before any device is touched
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def init_distributed(cpu: bool = False, timeout_s: float = 600.0) -> Optional[torch.device]:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); returns this process's
+    device, or None when running alone. One GPU per process (NCCL), or every process on the CPU (gloo) when there
+    is no GPU or `cpu` is set. A collective that waits longer than `timeout_s` for a rank raises instead of hanging."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if torch.cuda.is_available() and not cpu:
+        procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])), torch.cuda.device_count()
+        if procs > gpus:  # checked before touching a device: `cuda:<rank>` would fail with "invalid device ordinal"
+            raise ValueError(
+                f"torchrun started {procs} processes on this machine but it has {gpus} visible GPU(s): run "
+                f"torchrun --nproc_per_node {gpus} (one process per GPU), or add --cpu to run every process on the CPU"
+            )
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", timeout=timeout)
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo", timeout=timeout)
+    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import flow_grpo as fg  # noqa: E402
+import runfiles  # noqa: E402
 
 
 # One trained step per trajectory (int(10 · 0.1) = 1) and one batch per process per optimiser step: each process
@@ -95,7 +96,7 @@ def main(mode: str, out: str) -> None:
     torch.set_num_threads(1)
     if mode in ("hang", "stop", "sigterm"):
         sys.exit(hang(os.path.join(out, "run"), mode))
-    fg.init_distributed(cpu=True)
+    runfiles.init_distributed(cpu=True)
     rank, world = fg.dist_rank_world()
     run_dir = os.path.join(out, "run" if rank == 0 else f"run-rank{rank}")
     cfg, model, reward_fn, prompts, device = build(mode, run_dir)

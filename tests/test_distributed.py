@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import flow_grpo as fg
+import runfiles  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds: a hang fails the test instead of stalling the suite
@@ -129,6 +130,6 @@ def test_more_processes_than_gpus_is_refused_at_start_up(monkeypatch, capsys):
         monkeypatch.setenv(k, v)
     message = r"torchrun started 2 processes on this machine but it has 1 visible GPU\(s\): run torchrun --nproc_per_node 1"
     with pytest.raises(ValueError, match=message + ".* or add --cpu"):
-        fg.init_distributed()
+        runfiles.init_distributed()
     assert fg.main(["--model", "tiny-random"]) == 2  # the command line says so before loading anything
     assert "--nproc_per_node 1" in capsys.readouterr().err

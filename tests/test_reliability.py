@@ -104,17 +104,17 @@ def test_a_run_with_nothing_to_learn_stops_naming_the_cause(tmp_path, capsys, mo
 def test_the_reward_check_warns_only_where_a_constant_means_it_never_varies(tmp_path, capsys, monkeypatch):
     cfg = small_cfg(tmp_path)
     prompts = [fg.Prompt('a sign that says "OPEN"'), fg.Prompt('a mug printed with "Monday"')]
-    fg.check_reward(rewards.build_reward("jpeg_compressibility"), cfg, prompts)  # real, graded: varies
+    rewards.check_reward(rewards.build_reward("jpeg_compressibility"), cfg, prompts)  # real, graded: varies
     assert capsys.readouterr().err == ""
     # OCR reads nothing on grey or noise: 0 for both, yet it varies once text is rendered: no warning
     monkeypatch.setitem(rewards.REWARDS, "ocr", lambda device="cpu": constant_reward)
-    fg.check_reward(rewards.build_reward("ocr"), dataclasses.replace(cfg, reward="ocr"), prompts)
+    rewards.check_reward(rewards.build_reward("ocr"), dataclasses.replace(cfg, reward="ocr"), prompts)
     assert capsys.readouterr().err == ""
     # a graded reward (here a weighted sum of two) that scores noise as grey does not read the images
     monkeypatch.setitem(rewards.REWARDS, "pickscore", lambda device="cpu": constant_reward)
     spec = "jpeg_compressibility=0.5,pickscore=0.5"
     monkeypatch.setitem(rewards.REWARDS, "jpeg_compressibility", lambda device="cpu": constant_reward)
-    fg.check_reward(rewards.build_reward(spec), dataclasses.replace(cfg, reward=spec), prompts)
+    rewards.check_reward(rewards.build_reward(spec), dataclasses.replace(cfg, reward=spec), prompts)
     assert "does not read the images" in capsys.readouterr().err
 
 

@@ -259,7 +259,7 @@ def test_the_reward_is_called_on_blank_images_with_the_first_prompts(tmp_path):
         calls.append((images.clone(), texts, meta))
         return torch.zeros(len(texts))
 
-    fg.check_reward(reward, cfg, prompts)
+    rewards.check_reward(reward, cfg, prompts)
     # a graded reward (jpeg_compressibility) is called a second time, on noise (test_reliability.py: the warning)
     [(images, texts, meta), (noise, *again)] = calls
     assert images.shape == (4, 3, cfg.resolution, cfg.resolution) and bool((images == 0.5).all())
@@ -270,9 +270,9 @@ def test_the_reward_is_called_on_blank_images_with_the_first_prompts(tmp_path):
         return torch.tensor([float(m["count"]) for m in meta])
 
     with pytest.raises(fg.RewardError, match="--reward jpeg_compressibility fails on a blank image.*count"):
-        fg.check_reward(needs_a_key, cfg, prompts)
+        rewards.check_reward(needs_a_key, cfg, prompts)
     with pytest.raises(fg.RewardError, match="NaN"):
-        fg.check_reward(lambda images, texts, meta: torch.full((len(texts),), float("nan")), cfg, prompts)
+        rewards.check_reward(lambda images, texts, meta: torch.full((len(texts),), float("nan")), cfg, prompts)
 
 
 # --- 9. every start-up input validated ---

@@ -465,7 +465,7 @@ def group_advantages(
 # which keeps the batch shapes of sampling (and so the first ratio exactly 1), and the loss is the mean over
 # the samples that are kept.
 
-# GRPO-Guard (--guard; Wang et al., arXiv 2510.22319, in the form verl-omni documents, docs/algo/grpo_guard.md).
+# GRPO-Guard (--guard; arXiv 2510.22319; the reference's scripts/train_sd3_GRPO_Guard.py, run there with ε = 2e-6).
 # The stored action is x' = μ_old + s·ε, so with Δ = μ_θ − μ_old the log-ratio of a step (element means) is
 #     log r = mean(ε·Δ)/s − mean(Δ²)/(2s²)
 # Its second term is ≤ 0 whatever the advantage (the ratio drifts below 1, so a positive-advantage sample rarely

@@ -1,8 +1,9 @@
 """GRPO-Guard (--guard, flow_grpo.py section 5) against expressions written out here, with torch.distributions'
 Gaussian density for every log-probability; and the guard switched off is exactly today's loss.
 
-The guard, as verl-omni documents it (docs/algo/grpo_guard.md; arXiv 2510.22319): with μ_θ, μ_old the step's mean
-under the current and the sampling weights, s the step's std and log r = log π_θ − log π_old (element means),
+The guard as the reference's scripts/train_sd3_GRPO_Guard.py computes it (and verl-omni's GRPOGuardLoss; arXiv
+2510.22319): with μ_θ, μ_old the step's mean under the current and the sampling weights, s the step's std and
+log r = log π_θ − log π_old (element means),
     b = mean((μ_θ − μ_old)²) / (2s²),     r̂ = exp(s·(log r + b)),     L = (1/|dt|)·mean max(−A·r̂, −A·clip(r̂)).
 """
 

@@ -38,28 +38,33 @@ TOY_RUNS = {"toy-plain": ["--beta", "0"], "toy-guard": ["--beta", "0", "--guard"
 GLYPH_RUNS = {
     "glyph-b0-plain": ["--beta", "0"],
     "glyph-b0-guard": ["--beta", "0", "--guard"],
+    "glyph-nocfg": ["--guidance_scale", "1"],
+    "glyph-plain": [],
+    "glyph-guard": ["--guard"],
     # the guard's log r̂ is s·(the part of log r that is not drift): s averages 0.34 over the 9 trained steps of
     # the glyphs' uniform 10-step grid at a = 0.7, so ε = 1e-3 clips r̂ about as often as 3e-3 clips plain r
     "glyph-b0-guard-eps1e-3": ["--beta", "0", "--guard", "--clip_range", "1e-3"],
-    "glyph-plain": [],
-    "glyph-guard": ["--guard"],
-    "glyph-nocfg": ["--guidance_scale", "1"],
+    "glyph-b0-guard-eps3e-4": ["--beta", "0", "--guard", "--clip_range", "3e-4"],
+    # the reference's GRPO-Guard configs (config/grpo_guard.py, general_ocr_sd3_rationorm) against its Flow-GRPO
+    # ones: ε 2e-6 instead of 1e-4 (1/50) and lr 1e-4 instead of 3e-4 (1/3), β = 0; the same ratios here
+    "glyph-b0-guard-refscaled": ["--beta", "0", "--guard", "--clip_range", "6e-5", "--lr", "3.3e-4"],
 }
 SCALES = (1.0, glyphs.GUIDANCE_SCALE)  # every glyph model is measured at both
 
 
-def mean_clipfrac(out: str) -> float:
-    """The mean over epochs of train's policy/clipfrac, from the metrics.jsonl flow_grpo.train wrote into `out`."""
+def epoch_means(out: str) -> dict[str, float]:
+    """The means over epochs of train's policy/clipfrac and policy/ratio (the ratio the clip acts on: r̂ with the
+    guard), from the metrics.jsonl flow_grpo.train wrote into `out`."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        values = [json.loads(line)["policy/clipfrac"] for line in f]
-    return sum(values) / len(values)
+        epochs = [json.loads(line) for line in f]
+    return {k: sum(e[f"policy/{k}"] for e in epochs) / len(epochs) for k in ("clipfrac", "ratio")}
 
 
 def toy_run(name: str, seed: int, out: str) -> dict:
     folder = os.path.join(out, "runs", f"{name}-seed{seed}")
     m = toy.run([*TOY_RUNS[name], "--seed", str(seed), "--out", folder, "--quiet"])
     keep = ("reward_before", "reward_after", "on_manifold_before", "on_manifold_after", "kl_to_ref")
-    return {**{k: m[k] for k in keep}, "clipfrac": mean_clipfrac(folder)}
+    return {**{k: m[k] for k in keep}, **epoch_means(folder)}
 
 
 def glyph_run(name: str, seed: int, out: str, writer, judges) -> dict:
@@ -77,7 +82,7 @@ def glyph_run(name: str, seed: int, out: str, writer, judges) -> dict:
             m = glyphs.measure(model, cfg, judges)
             numbers.update({f"{k}_{when}_w{w:g}": m[k] for k in glyphs.NUMBERS})
     extra = ("kl_to_ref", "epoch_heldout_90")
-    return {**numbers, **{k: r[k] for k in extra}, "clipfrac": mean_clipfrac(folder), "trained_w": args.guidance_scale}
+    return {**numbers, **{k: r[k] for k in extra}, **epoch_means(folder), "trained_w": args.guidance_scale}
 
 
 def run_all(seeds: list[int], out: str) -> None:
@@ -108,12 +113,14 @@ def load(out: str) -> dict[str, dict[int, dict]]:
     for path in sorted(glob.glob(os.path.join(out, "*-seed*.json"))):
         name, seed = os.path.basename(path)[: -len(".json")].rsplit("-seed", 1)
         with open(path) as f:
-            runs.setdefault(name, {})[int(seed)] = json.load(f)
+            numbers = json.load(f)
+        folder = os.path.join(out, "runs", os.path.basename(path)[: -len(".json")])
+        runs.setdefault(name, {})[int(seed)] = {**epoch_means(folder), **numbers}
     return runs
 
 
 def cell(by_seed: dict[int, dict], key: str, fmt: str = "{:.2f}") -> str:
-    """Seed 0's value (the first seed present), with the range over all seeds in brackets, as in the README."""
+    """The first seed's value, with the range over all seeds in brackets, as in the README."""
     values = [by_seed[s][key] for s in sorted(by_seed)]
     if any(v is None for v in values):
         shown = ["never" if v is None else fmt.format(v) for v in values]
@@ -128,30 +135,33 @@ def table(title: str, runs: dict, names: list[str], columns: list[tuple[str, str
     names = [n for n in names if n in runs]
     if not names:
         return []
-    lines = [f"{title}; seeds {sorted(runs[names[0]])}", "", "| run | " + " | ".join(c[0] for c in columns) + " |",
-             "|---|" + "---|" * len(columns)]  # fmt: skip
+    lines = [title, "", "| run | seeds | " + " | ".join(c[0] for c in columns) + " |", "|---|---|" + "---|" * len(columns)]
     for n in names:
         r = runs[n]
         w = f"w{r[min(r)].get('trained_w', 0):g}"
-        lines.append(f"| {n} | " + " | ".join(cell(r, key.format(w=w), fmt) for _, key, fmt in columns) + " |")
+        seeds = ", ".join(str(seed) for seed in sorted(r))
+        lines.append(f"| {n} | {seeds} | " + " | ".join(cell(r, key.format(w=w), fmt) for _, key, fmt in columns) + " |")
     return lines + [""]
 
 
 def tables(out: str) -> str:
     runs = load(out)
     toy_columns = [("reward after", "reward_after", "{:.3f}"), ("on its modes after", "on_manifold_after", "{:.1%}"),
-                   ("KL to the pre-trained model", "kl_to_ref", "{:.3f}"), ("clipped", "clipfrac", "{:.3f}")]  # fmt: skip
+                   ("KL to the pre-trained model", "kl_to_ref", "{:.3f}"), ("clipped", "clipfrac", "{:.3f}"),
+                   ("mean ratio", "ratio", "{:.4f}")]  # fmt: skip
     glyph_columns = [
         ("held-out judge", "heldout_accuracy_after_{w}", "{:.2f}"), ("mini-OCR", "ocr_accuracy_after_{w}", "{:.2f}"),
         ("distance to data", "distance_to_data_after_{w}", "{:.3f}"), ("diversity", "diversity_after_{w}", "{:.2f}"),
         ("KL to the writer", "kl_to_ref", "{:.4f}"), ("90% at epoch", "epoch_heldout_90", "{:d}"),
-        ("clipped", "clipfrac", "{:.3f}"),
+        ("clipped", "clipfrac", "{:.3f}"), ("mean ratio", "ratio", "{:.4f}"),
     ]  # fmt: skip
     cfg_columns = [(f"held-out, w = {w:g} {when}", f"heldout_accuracy_{when}_w{w:g}", "{:.2f}")
                    for w in SCALES for when in ("before", "after")]  # fmt: skip
+    cfg_columns += [("90% (its own w) at epoch", "epoch_heldout_90", "{:d}")]
     cfg_columns += [(f"diversity after, w = {w:g}", f"diversity_after_w{w:g}", "{:.2f}") for w in SCALES]
     lines = table("2D toy, β = 0, 60 epochs", runs, list(TOY_RUNS), toy_columns)
-    lines += table("glyph toy, 80 epochs, sampled at the w it was trained at", runs, list(GLYPH_RUNS), glyph_columns)
+    guard_runs = [n for n in GLYPH_RUNS if n != "glyph-nocfg"]
+    lines += table("glyph toy, 80 epochs, w = 2 (sampling, training and measuring)", runs, guard_runs, glyph_columns)
     lines += table("glyph toy, each sampler (w) before and after training", runs, ["glyph-nocfg", "glyph-plain"], cfg_columns)
     return "\n".join(lines)
 

@@ -3,14 +3,15 @@ glyph writer without classifier-free guidance (CFG distillation, what the refere
 Every number comes from toy/run.py and toy/glyphs.py themselves; this file only loops over seeds and settings,
 re-measures each glyph model at both guidance scales, and tabulates.
 
-    python toy/compare.py --seeds 0 1 2 3 4     # every run below (~10 min of CPU per seed), then the tables
+    python toy/compare.py --seeds 0 1 2 3 4     # every run below, then the tables (8 glyph runs per seed, each
+                                                # ~45 s of CPU on an idle core, and 2 runs of the 2D toy)
     python toy/compare.py --seeds 3 &  python toy/compare.py --seeds 4 &     # the work split between processes
     python toy/compare.py --table               # only the tables, from the runs already written
 
 Each (run, seed) writes <out>/<run>-seed<S>.json and is skipped when that file exists. The runs:
     toy-plain, toy-guard          python toy/run.py --beta 0 [--guard]: the 2D toy where plain Flow-GRPO hacks
-    glyph-b0-plain, glyph-b0-guard, glyph-b0-guard-eps1e-3
-                                  python toy/glyphs.py --beta 0 --no_beta0 [--guard] [--clip_range 1e-3]
+    glyph-b0-plain, glyph-b0-guard, glyph-b0-guard-eps1e-3, glyph-b0-guard-eps3e-4, glyph-b0-guard-refscaled,
+    glyph-b0-plain-lr3.3e-4       python toy/glyphs.py --beta 0 --no_beta0 [--guard] [--clip_range ε] [--lr ...]
     glyph-plain, glyph-guard      the same at the default β = 0.1
     glyph-nocfg                   β = 0.1, sampled AND trained at guidance 1 (--guidance_scale 1)
 Every glyph model (the pre-trained writer "before", each trained one "after") is measured at w = 1 and at w = 2
@@ -48,6 +49,7 @@ GLYPH_RUNS = {
     # the reference's GRPO-Guard configs (config/grpo_guard.py, general_ocr_sd3_rationorm) against its Flow-GRPO
     # ones: ε 2e-6 instead of 1e-4 (1/50) and lr 1e-4 instead of 3e-4 (1/3), β = 0; the same ratios here
     "glyph-b0-guard-refscaled": ["--beta", "0", "--guard", "--clip_range", "6e-5", "--lr", "3.3e-4"],
+    "glyph-b0-plain-lr3.3e-4": ["--beta", "0", "--lr", "3.3e-4"],  # its control: the lower lr without the guard
 }
 SCALES = (1.0, glyphs.GUIDANCE_SCALE)  # every glyph model is measured at both
 

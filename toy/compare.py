@@ -170,7 +170,7 @@ def tables(out: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="GRPO-Guard and no-CFG training on the toys, over seeds (see the top).")
-    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="the seeds to run")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4], help="the seeds to run")
     p.add_argument("--table", action="store_true", help="run nothing; print the tables of the runs already written")
     p.add_argument("--out", default=os.path.join(ROOT, "toy", "out", "compare"), help="one JSON file per run and seed")
     args = p.parse_args(argv)

@@ -130,6 +130,7 @@ class Config:
     fast_window: int = 0  # Flow-GRPO-Fast: SDE (and training) only on this many consecutive steps; 0 = every step
     fast_window_start: int = 0  # Fast: first step the window may start at
     fast_window_range: int = 5  # Fast: the window lies in steps [fast_window_start, this), drawn anew per batch
+    guard: bool = False  # GRPO-Guard (arXiv 2510.22319): drift-corrected, std-rescaled ratio; step losses × 1/|dt|
     # --- optimiser (AdamW as in the paper) ---
     lr: float = 3e-4  # learning rate
     adam_beta1: float = 0.9  # AdamW β₁
@@ -351,6 +352,7 @@ class Trajectory:
     log_probs: Tensor  # (N, T) float32: log π(x_{j+1} | x_j) at sampling time (NaN for deterministic steps)
     sigmas: Tensor  # (T+1,) the schedule t₀ = 1 > … > t_T = 0
     noise_levels: Tensor  # (T,) the `a` used at each step (0 = ODE step, not trainable)
+    means: Tensor  # (N, T, *D) float32: the mean of each step's Gaussian at sampling time (GRPO-Guard's μ_old)
 
 
 @torch.no_grad()
@@ -376,17 +378,19 @@ def rollout(
     if not bool((sigmas[1:] < sigmas[:-1]).all()):  # once per rollout, not once per step
         raise ValueError(f"the schedule must decrease from t = 1 (noise) to t = 0 (data), got {sigmas.tolist()}")
     x = x1.float()
-    latents, log_probs = [x], []
+    latents, log_probs, means = [x], [], []
     for j in range(T):
         t = sigmas[j].expand(x.shape[0])  # (N,)
         v = velocity(x, t)
-        x, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], levels[j], None, generator, reduce, sde_type)
+        x, log_prob, mean, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], levels[j], None, generator, reduce, sde_type)
         latents.append(x)
         log_probs.append(log_prob)
+        means.append(mean)
     return Trajectory(
         latents=torch.stack(latents, dim=1),  # (N, T+1, *D)
         log_probs=torch.stack(log_probs, dim=1),  # (N, T)
         sigmas=sigmas.float().cpu(),
+        means=torch.stack(means, dim=1),  # (N, T, *D)
         noise_levels=torch.tensor(levels),
     )
 
@@ -472,6 +476,22 @@ def group_advantages(
 # which keeps the batch shapes of sampling (and so the first ratio exactly 1), and the loss is the mean over
 # the samples that are kept.
 
+# GRPO-Guard (--guard; arXiv 2510.22319; the reference's scripts/train_sd3_GRPO_Guard.py, run there with ε = 2e-6).
+# The stored action is x' = μ_old + s·ε, so with Δ = μ_θ − μ_old the log-ratio of a step (element means) is
+#     log r = mean(ε·Δ)/s − mean(Δ²)/(2s²)
+# Its second term is ≤ 0 whatever the advantage (the ratio drifts below 1, so a positive-advantage sample rarely
+# reaches 1 + ε and is rarely clipped) and its spread ∝ 1/s differs by step. The guard removes the drift and
+# rescales by s, so the clip range bounds mean(ε·Δ) alike at every step, and reweights each step's policy loss by
+# 1/|dt| (for the SDE Δ ∝ |dt|·Δv, so steps with a small |dt| would otherwise weigh less):
+#     log r̂ = s·(log r + mean(Δ²)/(2s²)) = mean(ε·Δ),     L = (1/|dt|)·max(−A·r̂, −A·clip(r̂, 1 − ε, 1 + ε))
+
+
+def guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor) -> Tensor:
+    """GRPO-Guard's log r̂ per sample (B,): log-probs (B,) averaged over elements, step means (B, *D), std s."""
+    # log r̂ = s·(log r + mean(Δ²)/(2s²)); the drift term is the Gaussians' KL (gaussian_kl)
+    return std.reshape(-1) * (log_prob - old_log_prob + gaussian_kl(mean, old_mean, std))  # (B,)
+
+
 KL_FORMS = ("reference", "exact")
 
 
@@ -504,11 +524,14 @@ def grpo_loss(
     kl: Optional[Tensor] = None,
     beta: float = 0.0,
     mask: Optional[Tensor] = None,
+    log_ratio: Optional[Tensor] = None,
+    policy_weight: float | Tensor = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The Flow-GRPO loss of one step for a batch. log_prob, old_log_prob, advantages, kl (the per-sample KL to the
     reference, step_kl) and mask (True = train on this sample): (B,). The loss is the mean over the masked-in
-    samples. Returns (loss, info) with info = {ratio, clipfrac, approx_kl, kl_ref, policy_loss} as detached 0-dim
-    tensors, means over the same samples; they stay on the device (reading one is a host-device sync)."""
+    samples. GRPO-Guard passes its log r̂ (B,) as log_ratio and 1/|dt| as policy_weight. Returns (loss, info) with
+    info = {ratio, clipfrac, approx_kl, kl_ref, policy_loss} as detached 0-dim tensors, means over the same
+    samples; they stay on the device (reading one is a host-device sync)."""
     if not (log_prob.shape == old_log_prob.shape == advantages.shape) or log_prob.ndim != 1:
         raise ValueError(
             "log_prob, old_log_prob and advantages must all have shape (B,), got "
@@ -522,12 +545,12 @@ def grpo_loss(
     keep = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
     w = keep / keep.sum().clamp(min=1)
     # r = exp(logp_new − logp_old)                                                                          (B,)
-    ratio = torch.exp(log_prob - old_log_prob)
+    ratio = torch.exp(log_prob - old_log_prob if log_ratio is None else log_ratio)
     # max(−A·r, −A·clip(r, 1 − ε, 1 + ε)): the pessimistic bound; no gradient once r has left [1 − ε, 1 + ε]
     # in the direction the advantage pushes it
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    policy_loss = (w * torch.maximum(unclipped, clipped)).sum()
+    policy_loss = policy_weight * (w * torch.maximum(unclipped, clipped)).sum()
     kl_ref = (w * kl).sum() if kl is not None else torch.zeros((), device=log_prob.device)
     loss = policy_loss + beta * kl_ref
 
@@ -628,6 +651,8 @@ def plan_batches(cfg: Config, world_size: Optional[int] = None) -> BatchPlan:
         )
     if cfg.kl not in KL_FORMS:
         raise ValueError(f"--kl must be one of {', '.join(KL_FORMS)}, got {cfg.kl!r}")
+    if cfg.guard and (cfg.sde_type, cfg.log_prob_reduce) != ("sde", "mean"):  # as verl-omni: its 1/|dt| is the SDE's
+        raise ValueError("--guard needs --sde_type sde and --log_prob_reduce mean (its drift term is an element mean)")
     ref_factor = 2 if cfg.resolved_beta() > 0 else 1  # the reference forward for the KL
     forwards = batches * cfg.num_steps + cfg.inner_epochs * batches * n_train * ref_factor  # sampling + training
     return BatchPlan(
@@ -775,6 +800,7 @@ class Samples:
     cond: dict[str, Tensor]  # the epoch's prompt conditioning, one row per prompt (B, ...)
     sample_ids: Tensor  # (n,) the global ids (0..N−1) of this process's rows
     batches: list[int]  # the batches m (of N/b) this process sampled, in row order
+    means: Optional[Tensor] = None  # (n, T, *D) each step's mean at sampling time; kept only for --guard
 
 
 class EMA:
@@ -868,7 +894,7 @@ def sample_epoch(
     cond = model.encode([p.text for p in prompts])  # rows (B, ...)
     group_of = torch.arange(B).repeat_interleave(G)  # (N,): sample i belongs to prompt (group) i // G
     sigmas = model.schedule(cfg.num_steps).to(device)  # (T+1,)
-    latents, log_probs, levels, windows, scored, waited = [], [], [], [], [], []  # waited: s spent waiting for rewards
+    latents, log_probs, levels, windows, scored, waited, means = [], [], [], [], [], [], []  # waited: s spent waiting for rewards
 
     @torch.no_grad()  # grad mode is per thread: the worker's is on
     def finish(x0: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # one batch's rewards, in the worker
@@ -907,6 +933,7 @@ def sample_epoch(
             log_probs.append(traj.log_probs)
             levels.append(traj.noise_levels.expand(b, -1))
             windows.append(steps)
+            means += [traj.means] if cfg.guard else []  # μ_old: as much memory again as the latents, so only if used
         collect(job)
     rewards, parts = [r for r, _ in scored], [c for _, c in scored]
     my_ids = torch.cat([order[m * b : (m + 1) * b] for m in my_batches])  # (n,) n = N/R samples of this process
@@ -930,6 +957,7 @@ def sample_epoch(
         cond=cond,
         sample_ids=my_ids,
         batches=my_batches,
+        means=torch.cat(means) if means else None,  # (n, T, *D)
     )
 
 
@@ -1038,7 +1066,9 @@ def train_step(
     kl = None if ref_mean is None else step_kl(mean, ref_mean, std, t, t_next, cfg.kl, cfg.sde_type)  # (b,)
     # fp16 only (the caller scales the loss): dL/dv is ~1e-8 (a log-prob averaged over 65 536 elements), below
     # fp16's smallest normal number, so the scaler multiplies the loss before backward
-    return grpo_loss(log_prob, s.log_probs[rows, j], adv, cfg.clip_range, kl, beta, mask=adv != 0)
+    old = s.log_probs[rows, j]  # (b,) log π_old, stored at sampling time
+    guard = (guard_log_ratio(log_prob, old, mean, s.means[rows, j], std), 1 / (t - t_next)) if cfg.guard else (None, 1.0)
+    return grpo_loss(log_prob, old, adv, cfg.clip_range, kl, beta, adv != 0, *guard)
 
 
 @torch.no_grad()

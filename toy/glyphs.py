@@ -465,7 +465,8 @@ def glyph_config(args: argparse.Namespace, beta: float, out: str) -> flow_grpo.C
         prompts="digits",  # a label only: the prompts are DIGITS
         out=out,
         seed=args.seed,
-        guidance_scale=GUIDANCE_SCALE,
+        guidance_scale=args.guidance_scale,  # GUIDANCE_SCALE unless --guidance_scale (1: train without CFG)
+        guard=args.guard,  # GRPO-Guard (flow_grpo.py section 5)
         # all 10 digits every epoch, G = 32 samples each (the paper: 48 prompts × 24): 320 rollouts per epoch.
         # Measured (seed 0, β = 0.1, the other settings as here): G = 16 costs ~3/4 of the CPU per epoch (41 s
         # against 55 s for 80 epochs) but first reaches 90% held-out accuracy after 56 epochs instead of 21.
@@ -629,6 +630,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--group_size", type=int, default=32, help="G: samples per digit and epoch")
     p.add_argument("--clip_range", type=float, default=3e-3, help="PPO clip range ε (section 7)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (section 7)")
+    p.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE, help="CFG w of sampling and training (1: none)")
+    p.add_argument("--guard", action="store_true", help="GRPO-Guard's ratio normalisation and 1/|dt| step weights")
     p.add_argument("--eval_every", type=int, default=5, help="measure the ODE samples every this many epochs")
     p.add_argument("--no_beta0", action="store_true", help="skip the β = 0 run beside the main one")
     p.add_argument("--out", default=os.path.join(ROOT, "toy", "out", "glyphs"), help="glyphs.png, metrics.json")

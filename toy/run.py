@@ -391,6 +391,7 @@ def toy_config(args: argparse.Namespace) -> flow_grpo.Config:
         sde_type=args.sde_type,
         fast_window=args.fast_window,
         fast_window_range=args.fast_window_range,
+        guard=getattr(args, "guard", False),  # --guard; a caller's own Namespace may leave it out (off)
         # 1.5, not SD3's 4.5. Guidance pushes samples away from what the unconditional model also produces, here the
         # neighbouring modes of the other prompts: it squeezes every mode along the ring (the streaks in toy.png;
         # tangential std 0.10 at w = 1, 0.03 at 1.5, 0.015 at 2) and at 4.5 throws ~20% of the ODE samples off their
@@ -589,6 +590,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--sde_type", default="sde", choices=["sde", "cps"], help="the paper's SDE or the CPS sampler")
     p.add_argument("--fast_window", type=int, default=0, help="Flow-GRPO-Fast: SDE/training window size (0: off)")
     p.add_argument("--fast_window_range", type=int, default=5, help="Fast: the window lies in the first this-many steps")
+    p.add_argument("--guard", action="store_true", help="GRPO-Guard's ratio normalisation and 1/|dt| step weights")
     p.add_argument("--out", default=os.path.join(ROOT, "toy", "out"), help="folder for toy.png and metrics.json")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p.parse_args(argv)

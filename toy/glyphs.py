@@ -4,7 +4,7 @@
     python toy/glyphs.py --no_beta0   # only the β = 0.1 run
 
 What you should see (seed 0 with torch's AVX-512 kernels, 80 epochs per run; in brackets the range over --seed 0 … 4
-with AVX-512 and --seed 0, 1 with ATEN_CPU_CAPABILITY=avx2 and =default: the exact values depend on the kernels):
+with AVX-512, 0 … 2 with ATEN_CPU_CAPABILITY=avx2, 0 and 1 with =default: exact values depend on the kernels):
     β = 0.1     the held-out judge's accuracy on fixed-noise ODE samples rises from 0.54 (0.52–0.59) to 0.99
                 (0.88–1.00); it first reaches 90% after 26 epochs (21–46; seed 0 with AVX2: 21), 22 s of CPU from
                 the start, set-up and pre-training included (18–32 s). The samples move closer to the real glyphs

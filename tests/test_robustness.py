@@ -376,13 +376,15 @@ def test_the_eval_grid_is_legible(tmp_path):
 
     prompts = [fg.Prompt("a windmill beside a tulip field in spring"), fg.Prompt("two cats"), fg.Prompt("a sea otter")]
     path = str(tmp_path / "grid.png")
-    fg.save_grid(path, torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), prompts, torch.tensor([0.25, -1.5, 2.0]), epoch=7)
+    fg.save_grid(path, torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), prompts, torch.tensor([-0.0032123, -0.0032344, -0.0032011]), epoch=7)
     grid = Image.open(path)
     assert grid.width == 4 * 256  # 32 px images are scaled up to 256 px tiles, 4 columns
     # read back by Tesseract, an independent reader (spaces and dash glyphs normalised away)
     read = "".join(pytesseract.image_to_string(grid).lower().split()).replace("—", "-").replace("–", "-")
-    # a spread of 3.5: two significant digits of it are 2 decimals (runfiles.reward_decimals)
-    for text in ("epoch7", "windmillbesideatulipfield", "twocats", "aseaotter", "reward+0.25", "reward-1.50", "reward+2.00"):
+    # tiny-random's JPEG rewards: a spread of 3.3e-5, two significant digits of it are 6 decimals (reward_decimals;
+    # 4 would print -0.0032 on every tile)
+    for text in ("epoch7", "windmillbesideatulipfield", "twocats", "aseaotter", "meanreward-0.003216", "reward-0.003212",
+                 "reward-0.003234", "reward-0.003201"):
         assert text in read, (text, read)
 
 

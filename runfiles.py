@@ -743,15 +743,70 @@ def kill_local_peers() -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Fonts tried in this order when Pillow's own (Latin letters only: no accents, no €) lacks a character of the
+# prompts; Pillow looks each name up in the system's font folders (Linux, macOS, Windows). DejaVu Sans (on most Linux
+# systems) adds accents, Greek and Cyrillic; the Noto CJK, WenQuanYi, Droid fallback, Arial Unicode and Microsoft
+# YaHei fonts add Chinese, Japanese and Korean.
+CAPTION_FONTS = (
+    "DejaVuSans.ttf", "NotoSans-Regular.ttf", "NotoSansCJK-Regular.ttc", "wqy-zenhei.ttc", "DroidSansFallbackFull.ttf",
+    "Arial Unicode.ttf", "arialuni.ttf", "msyh.ttc",
+)
+
+
+def missing_glyphs(font, text: str) -> set[str]:
+    """The characters of `text` that `font` (a Pillow FreeType font) has no glyph for. FreeType draws each of them
+    as the font's "missing" glyph: the same bitmap as U+10FFFD, a private-use code point no font has."""
+
+    def bitmap(ch: str) -> tuple:
+        mask = font.getmask(ch)
+        return mask.size, bytes(mask)
+
+    box = bitmap("\U0010fffd")
+    return {ch for ch in set(text) if not ch.isspace() and bitmap(ch) == box}
+
+
+def caption_font(text: str, size: int = 16) -> tuple[Any, set[str]]:
+    """(font, the characters of `text` it lacks): Pillow's default font if it has every character, else the first
+    of CAPTION_FONTS on this system that has them all, else the one found that lacks the fewest."""
+    from PIL import ImageFont
+
+    best = ImageFont.load_default(size=size)
+    missing = missing_glyphs(best, text)
+    for name in CAPTION_FONTS:
+        if not missing:
+            break
+        try:
+            font = ImageFont.truetype(name, size)
+        except OSError:  # not on this system
+            continue
+        lacks = missing_glyphs(font, text)
+        if len(lacks) < len(missing):
+            best, missing = font, lacks
+    return best, missing
+
+
+def reward_decimals(rewards: list[float]) -> int:
+    """Decimals that show the spread of `rewards` (max − min) to two significant digits, 2 to 10 of them: rewards
+    that differ by ~1e-5 (a random model's JPEG sizes on the kB/500 scale, ≈ −0.0032) get 6 decimals, where 4
+    print every tile alike. 4 when they do not differ (one tile, or all equal)."""
+    spread = max(rewards) - min(rewards)
+    if not spread > 0:  # also NaN
+        return 4
+    return min(10, max(2, 1 - math.floor(math.log10(spread))))
+
+
 def save_grid(path: str, images, prompts: list, rewards, epoch: int, columns: int = 4) -> None:
     """A PNG grid of evaluation images (a (n, 3, H, W) tensor in [0, 1]) under a title with the epoch and mean
-    reward; each tile is captioned with its prompt's text (wrapped) and its reward. Tiles are at least 256 px wide
-    (small images scaled up, pixels kept square) so that the 16 px captions stay readable."""
-    from PIL import Image, ImageDraw, ImageFont
+    reward; each tile is captioned with its prompt's text (wrapped) and its reward, with the decimals that show how
+    the rewards differ (reward_decimals). Tiles are at least 256 px wide (small images scaled up, pixels kept
+    square) so that the 16 px captions stay readable; the font is one that has the prompts' characters
+    (caption_font), and the title says how many it lacks (drawn as boxes) where no font found has them all."""
+    from PIL import Image, ImageDraw
 
     n, _, h, w = images.shape
     scale = max(1, math.ceil(256 / w))
-    tile_w, tile_h, font = w * scale, h * scale, ImageFont.load_default(size=16)
+    font, missing = caption_font("".join(p.text for p in prompts))
+    tile_w, tile_h, decimals = w * scale, h * scale, reward_decimals(rewards.tolist())
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     captions = []
     for p, r in zip(prompts, rewards.tolist()):
@@ -764,13 +819,19 @@ def save_grid(path: str, images, prompts: list, rewards, epoch: int, columns: in
                 lines[-1] = longer
         if len(lines) > 4:  # at most 4 lines of prompt
             lines = lines[:3] + [lines[3] + " ..."]
-        captions.append(lines + [f"reward {r:+.4f}"])
-    line_h, title_h = 19, 30
+        captions.append(lines + [f"reward {r:+.{decimals}f}"])
+    title = [f"epoch {epoch}   mean reward {rewards.mean().item():+.{decimals}f}   ({n} evaluation prompts)"]
+    if missing:
+        title.append(f"boxes: {len(missing)} characters of the prompts are in no font found here "
+                     "(runfiles.CAPTION_FONTS)")
+    line_h = 19
+    title_h = 11 + line_h * len(title)
     cap_h = line_h * max(len(c) for c in captions) + 6
     rows = math.ceil(n / columns)
     grid = Image.new("RGB", (columns * tile_w, title_h + rows * (tile_h + cap_h)), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((6, 6), f"epoch {epoch}   mean reward {rewards.mean().item():+.4f}   ({n} evaluation prompts)", fill="black", font=font)
+    for k, line in enumerate(title):
+        draw.text((6, 6 + k * line_h), line, fill="black", font=font)
     for i in range(n):
         arr = (images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
         x, y = (i % columns) * tile_w, title_h + (i // columns) * (tile_h + cap_h)

@@ -19,6 +19,7 @@ import torch
 import flow_grpo as fg
 import runfiles
 import rewards
+import runfiles
 from test_sd3 import PROMPTS, make_model, run_main, tiny_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -378,10 +379,50 @@ def test_the_eval_grid_is_legible(tmp_path):
 
     prompts = [fg.Prompt("a windmill beside a tulip field in spring"), fg.Prompt("two cats"), fg.Prompt("a sea otter")]
     path = str(tmp_path / "grid.png")
-    fg.save_grid(path, torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), prompts, torch.tensor([0.125, -1.5, 2.0]), epoch=7)
+    fg.save_grid(path, torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), prompts, torch.tensor([-0.0032123, -0.0032344, -0.0032011]), epoch=7)
     grid = Image.open(path)
     assert grid.width == 4 * 256  # 32 px images are scaled up to 256 px tiles, 4 columns
     # read back by Tesseract, an independent reader (spaces and dash glyphs normalised away)
     read = "".join(pytesseract.image_to_string(grid).lower().split()).replace("—", "-").replace("–", "-")
-    for text in ("epoch7", "windmillbesideatulipfield", "twocats", "aseaotter", "reward+0.1250", "reward-1.5000", "reward+2.0000"):
+    # tiny-random's JPEG rewards: a spread of 3.3e-5, two significant digits of it are 6 decimals (reward_decimals;
+    # 4 would print -0.0032 on every tile)
+    for text in ("epoch7", "windmillbesideatulipfield", "twocats", "aseaotter", "meanreward-0.003216", "reward-0.003212",
+                 "reward-0.003234", "reward-0.003201"):
         assert text in read, (text, read)
+
+
+def test_grid_rewards_show_how_they_differ():
+    # two significant digits of the spread (max − min), 2 to 10 decimals; 4 where they do not differ
+    assert runfiles.reward_decimals([0.25, -1.5, 2.0]) == 2  # spread 3.5
+    assert runfiles.reward_decimals([0.21, 0.243]) == 3  # spread 0.033
+    # tiny-random's JPEG rewards (kB/500): 4 decimals print -0.0032 on every tile
+    rewards = [-0.0032123, -0.0032344, -0.0032011, -0.0032199]
+    assert runfiles.reward_decimals(rewards) == 6
+    assert len({f"{r:+.6f}" for r in rewards}) == 4 and len({f"{r:+.4f}" for r in rewards}) == 1
+    assert runfiles.reward_decimals([0.5]) == runfiles.reward_decimals([0.5, 0.5]) == 4
+    assert runfiles.reward_decimals([0.0, 1e-15]) == 10
+
+
+def _caption_pixels(tmp_path, text: str, name: str):
+    """The caption strip of a one-tile grid whose prompt is `text`, as bytes (the tile itself is the same image)."""
+    from PIL import Image
+
+    path = str(tmp_path / f"{name}.png")
+    fg.save_grid(path, torch.zeros(1, 3, 32, 32), [fg.Prompt(text)], torch.tensor([0.5]), epoch=0)
+    with Image.open(path) as grid:
+        return grid.size, grid.crop((0, grid.height - 40, 256, grid.height)).tobytes()
+
+
+def test_grid_captions_draw_the_letters_of_non_latin_prompts(tmp_path):
+    # Pillow's own font has no Cyrillic letters: it drew every one as the same box, so two different words gave the
+    # same caption. With a font that has them (DejaVu Sans on most Linux systems) the captions differ.
+    words = ("Жук", "Щит")
+    font, missing = runfiles.caption_font("".join(words))
+    if missing:
+        pytest.skip(f"no font with Cyrillic letters on this system (tried Pillow's and {runfiles.CAPTION_FONTS})")
+    assert _caption_pixels(tmp_path, words[0], "a") != _caption_pixels(tmp_path, words[1], "b")
+    # characters no font has (a private-use code point) are counted on a second title line
+    plain_size, _ = _caption_pixels(tmp_path, "Жук", "c")
+    boxed_size, _ = _caption_pixels(tmp_path, "Жук \U000f0001", "d")
+    assert boxed_size[1] == plain_size[1] + 19  # one line of 19 px
+    assert runfiles.caption_font("Жук \U000f0001")[1] == {"\U000f0001"}

@@ -73,6 +73,24 @@ def test_outputs_are_written(runs):
     assert os.path.exists(os.path.join(out, "checkpoints", f"epoch-{EPOCHS:06d}", "lora", "model.safetensors"))
 
 
+def test_printed_evaluation_is_the_readme_quantity(tmp_path, capsys):
+    # A 2-epoch run (pre-training is cached in-process), printed: each evaluated epoch's line shows the mean reward
+    # of the same 1024 fixed-noise ODE samples (40 steps) as reward_after, from another draw of the noise, and their
+    # fraction on their prompt's modes. Rewards have std ≈ 0.3 per sample, so two independent 1024-sample means
+    # differ with std 0.3·√(2/1024) ≈ 0.013: 0.05 is 4 of them (a 4-sample mean, std ≈ 0.15, would miss it). The
+    # on-manifold fraction p ≈ 0.9: std √(2·p(1 − p)/1024) ≈ 0.013, 0.05 again.
+    m = toy.run(["--seed", str(SEED), "--epochs", "2", "--out", str(tmp_path)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2
+    # the time field (0.1 s resolution, a toy epoch takes ~50 ms) is dropped; the last line gives the mean
+    assert not any(line.endswith("s") for line in lines)
+    fields = dict(f.rsplit(" ", 1) for f in lines[-1].split(" | ")[1:])  # {"eval": "+0.33", "on manifold": ...}
+    assert float(fields["eval"]) == pytest.approx(m["reward_after"], abs=0.05)
+    assert float(fields["on manifold"]) == pytest.approx(m["on_manifold_after"], abs=0.05)
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        assert json.loads(f.readlines()[-1])["eval/reward_mean"] == pytest.approx(float(fields["eval"]), abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The toy's FlowModel, piece by piece (no training)
 # ---------------------------------------------------------------------------------------------------------------

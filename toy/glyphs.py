@@ -3,19 +3,19 @@
     python toy/glyphs.py              # seed 0, β = 0.1 and β = 0: writes toy/out/glyphs/glyphs.png and metrics.json
     python toy/glyphs.py --no_beta0   # only the β = 0.1 run
 
-What you should see (seed 0, 80 epochs per run; in brackets the range over --seed 0 … 4):
-    β = 0.1     the held-out judge's accuracy on fixed-noise ODE samples rises from 0.54 (0.52–0.59) to 0.95
-                (0.95–0.99); it first reaches 90% after 21 epochs (21–36), 19 s of CPU from the start, set-up and
-                pre-training included (19–26 s). The samples move closer to the real glyphs (distance 0.178 →
-                0.132).
-    β = 0       the mini-OCR reads 1.00 of the samples as their digit, the held-out judge 0.98 (on 4 of the 5
-                seeds the judge reads fewer than the mini-OCR, by up to 0.19: mini-OCR 0.89–1.00, judge 0.81–0.98).
-                Every digit collapses to one glyph with speckled strokes (diversity 0.05 (0.04–0.06), against 0.13
-                with β = 0.1 and 0.32 for real glyphs), as far from the real glyphs as before (0.180 (0.180–0.206)
-                against 0.132 with β = 0.1), 5× further from the pre-trained writer (KL). That is reward hacking,
-                and the KL term is what holds it back.
-    Both runs together: 89 s of CPU (82–92 s) on one thread. On the shared 2-core machine these were measured on
-    (other jobs running), the wall time to 90% was 22–40 s and that of the whole command 107–142 s.
+What you should see (seed 0 with torch's AVX-512 kernels, 80 epochs per run; in brackets the range over --seed 0 … 4
+with AVX-512, 0 … 2 with ATEN_CPU_CAPABILITY=avx2, 0 and 1 with =default: exact values depend on the kernels):
+    β = 0.1     the held-out judge's accuracy on fixed-noise ODE samples rises from 0.54 (0.52–0.59) to 0.99
+                (0.88–1.00); it first reaches 90% after 26 epochs (21–46; seed 0 with AVX2: 21), 22 s of CPU from
+                the start, set-up and pre-training included (18–32 s). The samples move closer to the real glyphs
+                (distance 0.178 → 0.130).
+    β = 0       both classifiers read most samples as their digit (mini-OCR 0.98 (0.83–1.00), judge 0.98
+                (0.89–1.00); which reads more depends on the seed and the kernels), but every digit collapses
+                toward one glyph with speckled strokes (diversity 0.07 (0.04–0.08), against 0.13 (0.11–0.14) with
+                β = 0.1 and 0.32 for real glyphs), no closer to the real glyphs than before (0.183 (0.175–0.207)
+                against 0.130 with β = 0.1), 3–7× further from the pre-trained writer (KL). That is reward
+                hacking, and the KL term is what holds it back.
+    Both runs together: 83 s of CPU (78–103 s) on one thread.
 
 metrics.json (the β = 0.1 run at the top level, the β = 0 run under "beta0"; ODE samples: 50 per digit from fixed
 noise, 40 steps, the same noise before, during and after):

@@ -28,12 +28,14 @@ Reading order (each section is a numbered banner below):
     7. The model interface the training loop talks to
     8. Many processes (torchrun): who samples what, how rewards are shared
     9. The training loop, shared by the toy and SD3.5-M
-   10. SD3.5-M: loading, LoRA, CFG velocity, VAE decode
+   10. SD3.5-M: LoRA, CFG velocity, VAE decode
    11. The command line: checks before the model loads, then train
 
-Beside it, runfiles.py holds the run's plumbing, which changes nothing that is trained: prompt files and the held-out
-split, the lock on --out, metrics.jsonl, checkpoints (atomic, checked whole) and what a resumed run may change;
-compat.py looks up the torch APIs that differ across the supported versions.
+Beside it: rewards.py (the reward functions, and score(), the one place that checks what they return); recipes.py
+(the command line: flags generated from Config, --model presets, the reference's named configs, flag ranges); and,
+changing nothing that is trained, runfiles.py (the run's plumbing: prompt files, the lock on --out, metrics.jsonl,
+checkpoints and resume rules, stopping on a signal, loading the model's files, joining torchrun, the printed lines),
+watch.py (the curves picture, the trackers) and compat.py (torch APIs that differ across the supported versions).
 
 Importing this file is cheap: torch only (and runfiles.py, compat.py, watch.py, rewards.py: standard library, torch,
 PIL). diffusers, transformers, peft and the reward models are imported inside the functions that need them, so the
@@ -79,7 +81,8 @@ import compat  # the torch versions supported: APIs newer than the lowest are lo
 import runfiles
 from runfiles import (
     CheckpointError, DiskError, DivergenceError, EpochUndo, Prompt, append_metrics, claim_metrics, eval_prompt_set,
-    load_prompts, open_run, resume_run, save_checkpoint, save_grid, stop_point,
+    ModelLoadError, format_line, load_pipeline, load_prompts, open_run, resume_run, save_checkpoint, save_grid,
+    stop_point,
 )  # fmt: skip
 from recipes import check_flags
 from rewards import RewardError, score  # score(): a reward's values, checked (NaN, shape) before anything trains
@@ -779,8 +782,6 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 # --- 9. The training loop (paper Algorithm: sample groups → rewards → advantages → clipped updates) ---
 # ----------------------------------------------------------------------------------------------------------------
 
-
-
 @dataclass
 class Samples:
     """One epoch of sampled data: everything the training phase needs, batch-first. n = N rows in one process,
@@ -1064,10 +1065,11 @@ def train_step(
     # log π_θ(x_{j+1} | x_j) under the current weights
     _, log_prob, mean, std = sde_step(x_j, v, t, t_next, a, x_next, reduce=cfg.log_prob_reduce, sde_type=cfg.sde_type)
     kl = None if ref_mean is None else step_kl(mean, ref_mean, std, t, t_next, cfg.kl, cfg.sde_type)  # (b,)
+    old = s.log_probs[rows, j]  # (b,) log π_old, stored at sampling time
+    # GRPO-Guard (section 5): the drift-corrected, std-rescaled log-ratio, and the step's policy term weighted 1/|dt|
+    guard = (guard_log_ratio(log_prob, old, mean, s.means[rows, j], std), 1 / (t - t_next)) if cfg.guard else (None, 1.0)
     # fp16 only (the caller scales the loss): dL/dv is ~1e-8 (a log-prob averaged over 65 536 elements), below
     # fp16's smallest normal number, so the scaler multiplies the loss before backward
-    old = s.log_probs[rows, j]  # (b,) log π_old, stored at sampling time
-    guard = (guard_log_ratio(log_prob, old, mean, s.means[rows, j], std), 1 / (t - t_next)) if cfg.guard else (None, 1.0)
     return grpo_loss(log_prob, old, adv, cfg.clip_range, kl, beta, adv != 0, *guard)
 
 
@@ -1198,66 +1200,19 @@ def train(
         # every group scored all alike: no update. The same on every process (the advantages are computed on each).
         idle = idle + 1 if m["policy/zero_adv_frac"] == 1 else 0
         if cfg.max_zero_adv_epochs and idle >= cfg.max_zero_adv_epochs:
-            raise RewardError(
-                f"epochs {epoch - idle + 1}-{epoch}: every advantage was 0 ({idle} epochs in a row: the reward was the "
-                f"same for all {cfg.group_size} samples of every group), so nothing was learnt and the weights did not "
-                f"change. Check the reward and the prompts: does the reward vary between images of one prompt? (OCR "
-                f"scores 0 until a model renders legible text.) --max_zero_adv_epochs 0 never stops"
-            )
+            raise RewardError(runfiles.nothing_learnt(epoch, idle, cfg.group_size))
     return history
 
 
-def format_line(m: dict) -> str:
-    """The fixed-format progress line, one per epoch."""
-    line = f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.5g} ± {m['reward/std']:.3g}"
-    if m.get("policy/zero_adv_frac") == 1:  # no ratio, KL or clipping was measured: say so instead of printing 0
-        line += " | no update: every advantage is 0 (each group scored all alike)"
-    else:
-        line += (f" | kl_ref {m.get('policy/kl_ref', 0):.3e} | clipfrac {m.get('policy/clipfrac', 0):.3f}"
-                 f" | approx_kl {m.get('policy/approx_kl', 0):.2e} | ratio {m.get('policy/ratio', 1):.4f}")  # fmt: skip
-    if "eval/reward_mean" in m:
-        line += f" | eval {m['eval/reward_mean']:+.5g}"
-    return line + f" | {m['time/epoch_s']:.1f}s"
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# --- 10. SD3.5-Medium: loading, LoRA, the CFG velocity, VAE decoding ---
+# --- 10. SD3.5-Medium: LoRA, the CFG velocity, VAE decoding (the files load in runfiles.load_pipeline) ---
 # ----------------------------------------------------------------------------------------------------------------
 
-MODEL_ALIASES = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium"}
 # The paper's LoRA targets: the image-stream and text-stream attention projections of every joint block.
 LORA_TARGETS = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 ]  # fmt: skip
-
-
-class ModelLoadError(RuntimeError):
-    """The model's weights could not be had; the message says how to get them."""
-
-
-def load_pipeline(name: str, dtype: torch.dtype):
-    """A diffusers StableDiffusion3Pipeline: "tiny-random" is built in code (tiny_sd3.py), anything else is a hub
-    id (or alias) or a local diffusers folder given to StableDiffusion3Pipeline.from_pretrained."""
-    compat.quiet_libraries()  # before diffusers and transformers are imported: they warn at import
-    if name == "tiny-random":
-        from tiny_sd3 import tiny_sd3_pipeline
-
-        return tiny_sd3_pipeline()  # float32; SD3Model casts the parts it uses
-    from diffusers import StableDiffusion3Pipeline
-
-    repo = MODEL_ALIASES.get(name, name)
-    try:
-        # the VAE in float32 from the file (SD3Model decodes in float32): no rounding through dtype, no cast later
-        return StableDiffusion3Pipeline.from_pretrained(repo, dtype={"default": dtype, "vae": torch.float32})
-    except Exception as e:  # offline, gated, wrong path: all surface as different exception types
-        raise ModelLoadError(
-            f"could not load the model '{repo}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
-            f"  - a hub model: accept its licence on its hub page, log in (`hf auth login`), then fetch it with\n"
-            f"    `hf download {repo}` on a machine with network access (it is cached for later runs);\n"
-            f"  - or pass a local diffusers folder: --model /path/to/stable-diffusion-3.5-medium\n"
-            f"  - to try the whole code path without weights: --model tiny-random"
-        ) from e
 
 
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -1459,16 +1414,8 @@ def run_command_line(cfg: Config) -> int:
         runfiles.report_to_launcher(f"error: {e}")
         return 2
 
-    if rank == 0:
-        print(f"model {cfg.model} on {device} x {world} ({dtype}) | reward {cfg.reward} | beta {cfg.resolved_beta()} | "
-              f"{len(prompts)} prompts from {cfg.prompts} | LoRA parameters {sum(p.numel() for p in model.params):,}")
-        if eval_prompts:
-            also = sum(p.text in {q.text for q in prompts} for p in eval_prompts)
-            print(f"evaluation on {min(cfg.eval_count or len(eval_prompts), len(eval_prompts))} of {len(eval_prompts)} "
-                  f"prompts from {eval_prompts[0].source.rsplit(':', 1)[0]}"
-                  + (f" ({also} of them are training prompts too)" if also else " (held out from training)"))
-        if note := compat.prompt_length_note(model.pipe, [p.text for p in prompts + eval_prompts], cfg.max_sequence_length):
-            print(note)
+    if rank == 0:  # what runs where, the evaluation set, prompts longer than the text encoders read
+        print(runfiles.describe_run(cfg, model, device, world, dtype, prompts, eval_prompts))
 
     def on_eval(epoch: int, images: Tensor, rewards_: Tensor, shown: list[Prompt]) -> None:
         save_grid(os.path.join(cfg.out, f"eval-epoch-{epoch:06d}.png"), images, shown, rewards_, epoch)

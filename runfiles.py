@@ -1,7 +1,8 @@
 """The run's plumbing, beside the method: the files a Flow-GRPO run reads and writes, checked. Prompt sets and the
 held-out split, the lock on the output folder, metrics.jsonl, checkpoints (atomic writes, integrity, what a resumed
-run may change, one history per folder, a full disk), stopping on SIGTERM/SIGINT with the last epoch saved, joining
-torchrun's process group and what a failing process leaves for it, the evaluation grid.
+run may change, one history per folder, a full disk), stopping on SIGTERM/SIGINT with the last epoch saved, loading
+the model's files, joining torchrun's process group and what a failing process leaves for it, the lines a run prints,
+the evaluation grid.
 
 flow_grpo.py holds every line that changes what is trained; this file holds what keeps a run's files whole and
 honest, and train() calls it in a few lines whose names say what they guarantee. Every error names the file (and
@@ -276,6 +277,43 @@ def newest_intact_checkpoint(root: str) -> Optional[str]:
             read_checkpoint(os.path.join(root, name))
             return os.path.join(root, name)
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading the model: a diffusers pipeline from the hub or a folder, or the tiny one built in code
+# ----------------------------------------------------------------------------------------------------------------
+
+MODEL_ALIASES = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium"}
+
+
+class ModelLoadError(RuntimeError):
+    """The model's weights could not be had; the message says how to get them."""
+
+
+def load_pipeline(name: str, dtype: torch.dtype):
+    """A diffusers StableDiffusion3Pipeline: "tiny-random" is built in code (tiny_sd3.py), anything else is a hub
+    id (or alias) or a local diffusers folder given to StableDiffusion3Pipeline.from_pretrained."""
+    import compat
+
+    compat.quiet_libraries()  # before diffusers and transformers are imported: they warn at import
+    if name == "tiny-random":
+        from tiny_sd3 import tiny_sd3_pipeline
+
+        return tiny_sd3_pipeline()  # float32; SD3Model casts the parts it uses
+    from diffusers import StableDiffusion3Pipeline
+
+    repo = MODEL_ALIASES.get(name, name)
+    try:
+        # the VAE in float32 from the file (SD3Model decodes in float32): no rounding through dtype, no cast later
+        return StableDiffusion3Pipeline.from_pretrained(repo, dtype={"default": dtype, "vae": torch.float32})
+    except Exception as e:  # offline, gated, wrong path: all surface as different exception types
+        raise ModelLoadError(
+            f"could not load the model '{repo}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
+            f"  - a hub model: accept its licence on its hub page, log in (`hf auth login`), then fetch it with\n"
+            f"    `hf download {repo}` on a machine with network access (it is cached for later runs);\n"
+            f"  - or pass a local diffusers folder: --model /path/to/stable-diffusion-3.5-medium\n"
+            f"  - to try the whole code path without weights: --model tiny-random"
+        ) from e
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -736,6 +774,48 @@ def kill_local_peers() -> int:
         except (OSError, ValueError, IndexError):  # gone meanwhile, or another user's process
             continue
     return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run prints: the start-up lines, the progress line, the stop when nothing is learnt
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def describe_run(cfg, model, device, world: int, dtype, prompts: list, eval_prompts: list) -> str:
+    """The start-up lines: what runs where, the evaluation set (held out or not), and prompts longer than the text
+    encoders read (once, instead of the tokenizers' warning per batch)."""
+    import compat
+
+    lines = [f"model {cfg.model} on {device} x {world} ({dtype}) | reward {cfg.reward} | beta {cfg.resolved_beta()} | "
+             f"{len(prompts)} prompts from {cfg.prompts} | LoRA parameters {sum(p.numel() for p in model.params):,}"]
+    if eval_prompts:
+        also = sum(p.text in {q.text for q in prompts} for p in eval_prompts)
+        lines.append(f"evaluation on {min(cfg.eval_count or len(eval_prompts), len(eval_prompts))} of {len(eval_prompts)} "
+                     f"prompts from {eval_prompts[0].source.rsplit(':', 1)[0]}"
+                     + (f" ({also} of them are training prompts too)" if also else " (held out from training)"))
+    note = compat.prompt_length_note(model.pipe, [p.text for p in prompts + eval_prompts], cfg.max_sequence_length)
+    return "\n".join(lines + ([note] if note else []))
+
+
+def format_line(m: dict) -> str:
+    """The fixed-format progress line, one per epoch."""
+    line = f"epoch {m['epoch']:4d} | step {m['step']:5d} | reward {m['reward/mean']:+.5g} ± {m['reward/std']:.3g}"
+    if m.get("policy/zero_adv_frac") == 1:  # no ratio, KL or clipping was measured: say so instead of printing 0
+        line += " | no update: every advantage is 0 (each group scored all alike)"
+    else:
+        line += (f" | kl_ref {m.get('policy/kl_ref', 0):.3e} | clipfrac {m.get('policy/clipfrac', 0):.3f}"
+                 f" | approx_kl {m.get('policy/approx_kl', 0):.2e} | ratio {m.get('policy/ratio', 1):.4f}")  # fmt: skip
+    if "eval/reward_mean" in m:
+        line += f" | eval {m['eval/reward_mean']:+.5g}"
+    return line + f" | {m['time/epoch_s']:.1f}s"
+
+
+def nothing_learnt(epoch: int, idle: int, group_size: int) -> str:
+    """Why a run stops after --max_zero_adv_epochs epochs in a row in which every advantage was 0."""
+    return (f"epochs {epoch - idle + 1}-{epoch}: every advantage was 0 ({idle} epochs in a row: the reward was the same "
+            f"for all {group_size} samples of every group), so nothing was learnt and the weights did not change. Check "
+            f"the reward and the prompts: does the reward vary between images of one prompt? (OCR scores 0 until a "
+            f"model renders legible text.) --max_zero_adv_epochs 0 never stops")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1044,6 +1044,7 @@ def train_epoch(
     # NaN (null in metrics.jsonl) where nothing was measured: no sample had an advantage ≠ 0
     out = {key: (stats[i] / stats[len(TRAIN_INFO)]).item() if stats[len(TRAIN_INFO)] > 0 else math.nan for i, key in enumerate(TRAIN_INFO)}
     out["grad_norm"] = (stats[-2] / stats[-1]).item() if stats[-1] > 0 else math.nan
+    out["kl_ref"] = out["kl_ref"] if beta > 0 else math.nan  # β = 0: no KL computed, so none logged (null, not 0)
     return out
 
 

@@ -803,7 +803,8 @@ def format_line(m: dict) -> str:
     if m.get("policy/zero_adv_frac") == 1:  # no ratio, KL or clipping was measured: say so instead of printing 0
         line += " | no update: every advantage is 0 (each group scored all alike)"
     else:
-        line += (f" | kl_ref {m.get('policy/kl_ref', 0):.3e} | clipfrac {m.get('policy/clipfrac', 0):.3f}"
+        kl = m.get("policy/kl_ref", math.nan)
+        line += (" | kl_ref " + (f"{kl:.3e}" if math.isfinite(kl) else "off (beta 0)") + f" | clipfrac {m.get('policy/clipfrac', 0):.3f}"
                  f" | approx_kl {m.get('policy/approx_kl', 0):.2e} | ratio {m.get('policy/ratio', 1):.4f}")  # fmt: skip
     if "eval/reward_mean" in m:
         line += f" | eval {m['eval/reward_mean']:+.5g}"

@@ -146,7 +146,7 @@ def _font(size: int):
 
 def _series(run: dict, key: str) -> list[tuple[int, Optional[float]]]:
     """(epoch, value) of every row holding `key`; None where the run logged a non-finite value. A run with β = 0
-    logs a KL of 0 that it never computed (flow_grpo.train_step): none is drawn for it."""
+    computes no KL (it logs null; runs of older versions logged 0): none is drawn for it."""
     if key == "policy/kl_ref" and run["beta"] == 0:
         return []
     return [(row["epoch"], row[key]) for row in run["rows"] if key in row]
@@ -333,7 +333,8 @@ class RunWatch:
         # the grid flow_grpo.main's on_eval saves (runs without one, such as the toys', log no image)
         grid = os.path.join(self.out, f"eval-epoch-{epoch:06d}.png")
         grid = grid if "eval/reward_mean" in m and os.path.isfile(grid) else None
-        scalars = {k: v for k, v in m.items() if k != "epoch"}  # the epoch is the x-axis
+        # the epoch is the x-axis; what metrics.jsonl writes as null (not measured, or not finite) is not logged either
+        scalars = {k: v for k, v in m.items() if k != "epoch" and not (isinstance(v, float) and not math.isfinite(v))}
         if self.tensorboard is not None:
             for k, v in scalars.items():
                 self.tensorboard.add_scalar(k, v, global_step=epoch)

@@ -85,9 +85,12 @@ def test_an_epoch_with_every_advantage_zero_says_so_and_logs_null(tmp_path):
         assert logged[key] is None, key  # nothing was measured: null, not 0.0
     # control: the real reward gives advantages ≠ 0, and then the line shows the measured ratio
     lines = []
-    run(small_cfg(tmp_path / "control", epochs=1), log=lines.append)
+    control = small_cfg(tmp_path / "control", epochs=1)
+    run(control, log=lines.append)
     assert "| ratio 0.9" in lines[-1] or "| ratio 1.0" in lines[-1]
     assert "no update" not in lines[-1]
+    # β = 0 (the tiny-random preset): no KL was computed, so the line says so and metrics.jsonl holds null, not 0
+    assert "| kl_ref off (beta 0) |" in lines[-1] and metrics(control.out)[0]["policy/kl_ref"] is None
 
 
 def test_a_run_with_nothing_to_learn_stops_naming_the_cause(tmp_path, capsys, monkeypatch):

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+
 def compile_blocks(blocks, graphs: int) -> None:
     """torch.compile each block (static shapes), allowing each compiled code object `graphs` graphs: recompile
     number graphs + 1 runs eagerly (and dynamo warns) instead of compiling without end."""

@@ -355,7 +355,7 @@ class Trajectory:
     log_probs: Tensor  # (N, T) float32: log π(x_{j+1} | x_j) at sampling time (NaN for deterministic steps)
     sigmas: Tensor  # (T+1,) the schedule t₀ = 1 > … > t_T = 0
     noise_levels: Tensor  # (T,) the `a` used at each step (0 = ODE step, not trainable)
-    means: Tensor  # (N, T, *D) float32: the mean of each step's Gaussian at sampling time (GRPO-Guard's μ_old)
+    means: Optional[Tensor] = None  # (N, T, *D) float32: each step's Gaussian mean (GRPO-Guard's μ_old), if kept
 
 
 @torch.no_grad()
@@ -367,8 +367,10 @@ def rollout(
     generator: Optional[torch.Generator] = None,
     reduce: str = "mean",
     sde_type: str = "sde",
+    keep_means: bool = False,
 ) -> Trajectory:
-    """Sample x₀ from noise x1 with sde_step over the schedule `sigmas` (T+1,), recording every latent.
+    """Sample x₀ from noise x1 with sde_step over the schedule `sigmas` (T+1,), recording every latent (keep_means:
+    every step's mean too, GRPO-Guard's μ_old; as much memory again as the latents, so only where it is needed).
 
     velocity(x, t) -> v takes x (N, *D) and per-sample times t (N,); whatever conditioning (prompt, CFG) it needs
     it closes over.  noise_level is one `a` for every step, or a length-T sequence (0 where the step is an ODE
@@ -388,13 +390,13 @@ def rollout(
         x, log_prob, mean, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], levels[j], None, generator, reduce, sde_type)
         latents.append(x)
         log_probs.append(log_prob)
-        means.append(mean)
+        means += [mean] if keep_means else []
     return Trajectory(
         latents=torch.stack(latents, dim=1),  # (N, T+1, *D)
         log_probs=torch.stack(log_probs, dim=1),  # (N, T)
         sigmas=sigmas.float().cpu(),
-        means=torch.stack(means, dim=1),  # (N, T, *D)
         noise_levels=torch.tensor(levels),
+        means=torch.stack(means, dim=1) if keep_means else None,  # (N, T, *D)
     )
 
 
@@ -926,7 +928,7 @@ def sample_epoch(
             levels_m, steps = sde_window(cfg, noise)  # (T,) noise level per step, and the steps to train
             x1 = torch.randn((b, *model.latent_shape), generator=noise).to(device)  # (b, *D)
             velocity = lambda x, t: model.velocity(x, t, cond_b)  # noqa: E731
-            traj = rollout(velocity, x1, sigmas, levels_m, noise, cfg.log_prob_reduce, cfg.sde_type)
+            traj = rollout(velocity, x1, sigmas, levels_m, noise, cfg.log_prob_reduce, cfg.sde_type, keep_means=cfg.guard)
             if job is not None:
                 collect(job)
             job = pool.submit(finish, traj.latents[:, -1], idx)
@@ -934,7 +936,7 @@ def sample_epoch(
             log_probs.append(traj.log_probs)
             levels.append(traj.noise_levels.expand(b, -1))
             windows.append(steps)
-            means += [traj.means] if cfg.guard else []  # μ_old: as much memory again as the latents, so only if used
+            means += [traj.means] if cfg.guard else []  # μ_old, for GRPO-Guard only
         collect(job)
     rewards, parts = [r for r, _ in scored], [c for _, c in scored]
     my_ids = torch.cat([order[m * b : (m + 1) * b] for m in my_batches])  # (n,) n = N/R samples of this process
@@ -1259,9 +1261,8 @@ class SD3Model(FlowModel):
             # structure is traced once, not 24 times. Each guard miss adds a graph to it: block structure (SD3.5-M:
             # dual attention in 0-12, plain, the last one context_pre_only) × whether its input requires grad (not in
             # the first block) × adapters on/off (peft's flag is a python bool; off, nothing requires grad). Shapes are
-            # static: every forward has batch_size rows (evaluate pads its last batch). Grad mode is always on
-            # (velocity). The limit is exactly that count (SD3.5-M: 4 + 3 = 7): a surprise recompile runs eagerly,
-            # and dynamo warns.
+            # static: every forward has batch_size rows (evaluate pads its last batch); grad mode is always on
+            # (velocity). The limit is that count (SD3.5-M: 4 + 3 = 7): a surprise recompile runs eagerly, dynamo warns.
             blocks = self.transformer.transformer_blocks
             kinds = [(b.attn2 is not None, b.context_pre_only) for b in blocks]
             self.graphs = len({k + (i == 0,) for i, k in enumerate(kinds)}) + len(set(kinds))

@@ -57,6 +57,7 @@ import threading
 import time
 from collections import defaultdict
 from typing import Optional
+from unittest import mock  # mock.patch.object: bench's instruments around flow_grpo's calls, restored after
 
 import torch
 from torch._dynamo.utils import counters
@@ -120,17 +121,6 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-@contextlib.contextmanager
-def patched(obj, name: str, value):
-    """obj.name = value inside the block (bench's instruments around flow_grpo's calls), restored after."""
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
 class Busy:
     """Seconds spent inside the callables it wraps, summed over threads (decoding and scoring run in a worker)."""
 
@@ -162,8 +152,8 @@ def bench_epoch(cfg: fg.Config, model: fg.FlowModel, reward_fn, prompts, device,
         if on_epoch is not None and len(graphs) > 1:
             on_epoch(len(graphs) - 2)
 
-    with tempfile.TemporaryDirectory() as out, patched(fg, "score", reward.wrap(fg.score)), \
-            patched(model, "decode", reward.wrap(model.decode)):  # fmt: skip
+    with tempfile.TemporaryDirectory() as out, mock.patch.object(fg, "score", reward.wrap(fg.score)), \
+            mock.patch.object(model, "decode", reward.wrap(model.decode)):  # fmt: skip
         cfg = dataclasses.replace(cfg, out=out, epochs=2, eval_every=0, save_every=0, resume=False)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -252,10 +242,10 @@ def scoped(model: fg.FlowModel):
     try:
         with contextlib.ExitStack() as stack:
             for fn in ("sde_step", "step_kl", "grpo_loss"):
-                stack.enter_context(patched(fg, fn, scope("bench/sde", getattr(fg, fn))))
-            stack.enter_context(patched(fg, "score", scope("bench/decode+reward", fg.score)))
-            stack.enter_context(patched(model, "decode", scope("bench/decode+reward", model.decode)))
-            stack.enter_context(patched(torch.nn.utils, "clip_grad_norm_", scope("bench/optimiser", torch.nn.utils.clip_grad_norm_)))
+                stack.enter_context(mock.patch.object(fg, fn, scope("bench/sde", getattr(fg, fn))))
+            stack.enter_context(mock.patch.object(fg, "score", scope("bench/decode+reward", fg.score)))
+            stack.enter_context(mock.patch.object(model, "decode", scope("bench/decode+reward", model.decode)))
+            stack.enter_context(mock.patch.object(torch.nn.utils, "clip_grad_norm_", scope("bench/optimiser", torch.nn.utils.clip_grad_norm_)))
             yield
     finally:
         for h in hooks:
@@ -406,7 +396,7 @@ def main(argv=None) -> int:
             backend = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
             stack.enter_context(sdpa_kernel(getattr(SDPBackend, backend[args.sdpa_backend])))
         if args.fused_adamw:
-            stack.enter_context(patched(torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True)))
+            stack.enter_context(mock.patch.object(torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True)))
         return measure(args)
 
 
